@@ -53,6 +53,13 @@ class MLAConfig:
     rope_per_kv_head: bool = False
     # RoPE scaling applied to the MLA layers only (e.g. YaRN for long context).
     rope_scaling: tuple | None = None
+    # The teacher's rotary pairs (pair i = head dims (i, i + head_dim/2)) that keep RoPE,
+    # qk_rope_head_dim // 2 of them; None = the lowest-index pairs 0, 1, ...
+    rope_pairs: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.rope_pairs is not None:  # lists from config.json -> hashable tuple
+            object.__setattr__(self, "rope_pairs", tuple(int(p) for p in self.rope_pairs))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Import a teacher and export it as a Hugging Face style directory.
+
+  python -m hylo_jax.convert --config.output_dir=/tmp/smollm2
+  python -m hylo_jax.convert --config.source=/path/to/hf_dir --config.output_dir=/tmp/out \
+      --config.export_dtype=bfloat16
+
+Config: configs/convert.py (another file with get_config() via --config=path);
+every field can be overridden with --config.<field>=<value>; unknown fields are errors.
+The source is an HF dir, a .gguf file, a hub id or a hylo_jax checkpoint; an empty
+source is the bundled SmolLM2-135M-Instruct GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "convert.py")
+
+
+def _fields_help(path: str) -> str:
+    spec = importlib.util.spec_from_file_location("_convert_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.get_config())
+
+
+def _define_config_flag():
+    # ml_collections applies --config.<field> overrides while defining the flag, so a
+    # misspelt field fails here, with an exception that names only the key.
+    try:
+        return config_flags.DEFINE_config_file(
+            "config",
+            default=os.path.normpath(DEFAULT_CONFIG),
+            help_string="ml_collections config file (get_config()). Fields and defaults:\n" + _fields_help(DEFAULT_CONFIG),
+            lock_config=True,
+        )
+    except (AttributeError, KeyError, ValueError) as e:
+        sys.exit(f"error: bad --config override ({e}); the config fields are:\n{_fields_help(DEFAULT_CONFIG)}")
+
+
+def convert(config) -> str:
+    """Runs the conversion a config describes; returns the output directory."""
+    import jax.numpy as jnp
+
+    from hylo_jax.config import ModelConfig
+    from hylo_jax.convert import upcycle
+    from hylo_jax.convert.hub import resolve
+    from hylo_jax.convert.report import write_report
+    from hylo_jax.loading import load_model, open_source
+
+    if not config.output_dir:
+        raise ValueError("config.output_dir is required (--config.output_dir=/path/to/out)")
+    source = resolve(config.source or None)
+    if not upcycle.wants_upcycling(config.student):
+        model = load_model(source.path, dtype=jnp.dtype(config.dtype))
+        return _export(model, config, source)
+    out = os.path.abspath(config.output_dir)
+    if os.path.isdir(out) and os.listdir(out) and not config.overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty (--config.overwrite=true replaces it)")
+    # Check the student config against the teacher's config.json before loading weights.
+    hf_config, _ = open_source(source)
+    upcycle.student_config_from_settings(ModelConfig.from_hf_config(hf_config), config.student)
+    teacher = load_model(source.path, dtype=jnp.dtype(config.dtype))
+    tokenizer = load_tokenizer_for(source)
+    student, report = upcycle.upcycle_job(teacher, config.student, tokenizer=tokenizer)
+    out = _export(student, config, source)
+    _, md = write_report(report, out)
+    print(open(md).read())
+    return out
+
+
+def _export(model, config, source) -> str:
+    from hylo_jax.convert.export import export_model
+
+    return export_model(
+        model,
+        config.output_dir,
+        tokenizer_from=source.path,
+        dtype=config.export_dtype or None,
+        max_shard_bytes=int(config.max_shard_size_gb * 1024**3),
+        overwrite=config.overwrite,
+    )
+
+
+def load_tokenizer_for(source):
+    """The teacher's tokenizer (from the .gguf, or the HF dir's tokenizer files)."""
+    if source.kind == "gguf":
+        from hylo_jax.convert.gguf_io import load_tokenizer
+
+        return load_tokenizer(source.path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
+    try:
+        out = convert(_CONFIG.value)
+    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    _CONFIG = _define_config_flag()
+    app.run(main)

@@ -1,0 +1,160 @@
+"""Initialise Mamba2 and Gated DeltaNet mixers from a teacher's attention weights.
+
+The HyLo recipe (after Zebra-Llama) reads linear attention as attention without the
+softmax: the query, key and value projections keep their roles.
+
+- Mamba2: in_proj rows [z, x, B, C, dt] with x <- W_V, B <- W_K, C <- W_Q, and
+  out_proj <- W_O. K and V are repeated over the query heads (GQA, as HF's
+  repeat_kv: query head h reads KV head h // (H_q / H_kv)), so the block has one head
+  and one B/C group per teacher query head. A_log = log U(1, 16), dt log-uniform in
+  [1e-3, 0.1] (dt_bias = softplus^-1(dt)), D = 1; z, dt rows and the conv keep their
+  default init.
+- GDN: q/k/v/o projections from the teacher's (K, V heads repeated likewise); the
+  gates (a, b, g projections), A_log, dt_bias and the short convs keep their default
+  init.
+
+Biases of q/k/v and o (Qwen2) go to the same places. A Qwen3 teacher's q_norm/k_norm
+have no counterpart and are dropped (GDN L2-normalises q and k itself).
+
+Everything here is a pure function on parameter pytrees: `attn_params` is the pure
+dict of a teacher Attention block (`nnx.to_pure_dict(nnx.state(attn, nnx.Param))`:
+{"q_proj": {"kernel": [D, Hq*d], "bias"?: ...}, "k_proj", "v_proj", "o_proj", ...}),
+and the result is the pure dict of the student mixer, ready for
+`nnx.replace_by_pure_dict` / `nnx.update`. The default-initialised parts come from
+constructing the mixer once with `key`, so they are exactly the mixer's own defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hylo_jax.config import GDNConfig, Mamba2Config, ModelConfig
+from hylo_jax.layers.gated_deltanet import GatedDeltaNet
+from hylo_jax.layers.mamba2 import Mamba2
+
+
+def default_mamba2_config(teacher: ModelConfig, **overrides) -> Mamba2Config:
+    """One Mamba2 head and B/C group per teacher query head; head_dim = state_size =
+    the teacher's head_dim (so x, B, C take V, K, Q whole)."""
+    base = Mamba2Config(
+        num_heads=teacher.num_attention_heads,
+        head_dim=teacher.head_dim,
+        n_groups=teacher.num_attention_heads,
+        state_size=teacher.head_dim,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def default_gdn_config(teacher: ModelConfig, **overrides) -> GDNConfig:
+    """One GDN head per teacher query head; key and value head dims = the teacher's head_dim."""
+    base = GDNConfig(
+        num_heads=teacher.num_attention_heads,
+        head_k_dim=teacher.head_dim,
+        head_v_dim=teacher.head_dim,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+# ---------------------------------------------------------------- helpers
+def _teacher_qkvo(attn_params: Mapping[str, Any], config: ModelConfig) -> dict[str, dict[str, jax.Array]]:
+    """The teacher's q/k/v/o kernels (and biases), shape-checked, K and V repeated to Hq heads."""
+    hq, hkv, d, hidden = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+    expected = {"q_proj": (hidden, hq * d), "k_proj": (hidden, hkv * d), "v_proj": (hidden, hkv * d),
+                "o_proj": (hq * d, hidden)}
+    out = {}
+    for name, shape in expected.items():
+        if name not in attn_params or "kernel" not in attn_params[name]:
+            raise ValueError(f"teacher attention params lack {name}.kernel (have {sorted(attn_params)})")
+        kernel = jnp.asarray(attn_params[name]["kernel"])
+        if kernel.shape != shape:
+            raise ValueError(f"teacher {name}.kernel has shape {kernel.shape}, expected {shape} for this config")
+        bias = attn_params[name].get("bias")
+        want_bias = config.o_bias if name == "o_proj" else config.qkv_bias
+        if (bias is not None) != want_bias:
+            raise ValueError(
+                f"teacher {name} {'has' if bias is not None else 'lacks'} a bias but the config says "
+                f"{'o_bias' if name == 'o_proj' else 'qkv_bias'}={want_bias}"
+            )
+        out[name] = {"kernel": kernel, "bias": None if bias is None else jnp.asarray(bias)}
+    for name in ("k_proj", "v_proj"):
+        out[name] = {key: None if w is None else _repeat_kv_heads(w, hkv, hq // hkv) for key, w in out[name].items()}
+    return out
+
+
+def _repeat_kv_heads(w: jax.Array, kv_heads: int, rep: int) -> jax.Array:
+    """[..., Hkv*d] -> [..., Hq*d], each KV head's columns repeated `rep` times in place."""
+    lead, cols = w.shape[:-1], w.shape[-1]
+    heads = w.reshape(*lead, kv_heads, cols // kv_heads)
+    return jnp.repeat(heads, rep, axis=-2).reshape(*lead, cols * rep)
+
+
+def _default_state(module_cls, config: ModelConfig, key: jax.Array, param_dtype) -> dict:
+    module = module_cls(config, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def _check_matches_teacher(kind: str, got: dict[str, int], config: ModelConfig) -> None:
+    hq, d = config.num_attention_heads, config.head_dim
+    expected = {"num_heads": hq, "head_dim": d, "n_groups": hq, "state_size": d, "head_k_dim": d, "head_v_dim": d}
+    bad = {name: (value, expected[name]) for name, value in got.items() if value != expected[name]}
+    if bad:
+        detail = ", ".join(f"{name}={v} (needs {e})" for name, (v, e) in bad.items())
+        raise ValueError(
+            f"{kind} sizes do not fit the teacher's attention for weight transfer: {detail}; "
+            f"use hylo_jax.convert.linear_init.default_{kind}_config(teacher)"
+        )
+
+
+# ---------------------------------------------------------------- Mamba2
+def init_mamba2_from_attention(attn_params: Mapping[str, Any], config: ModelConfig, *, key: jax.Array) -> dict:
+    """Pure dict of a Mamba2 mixer for `config` (the student config; `config.mamba2`
+    set, teacher sizes unchanged) with x <- V, B <- K, C <- Q, out_proj <- O."""
+    cfg = config.mamba2
+    if cfg is None:
+        raise ValueError("init_mamba2_from_attention needs config.mamba2; see default_mamba2_config")
+    _check_matches_teacher(
+        "mamba2",
+        {"num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "n_groups": cfg.n_groups, "state_size": cfg.state_size},
+        config,
+    )
+    teacher = _teacher_qkvo(attn_params, config)
+    dtype = teacher["q_proj"]["kernel"].dtype
+    params = _default_state(Mamba2, config, key, dtype)
+    d_inner = cfg.num_heads * cfg.head_dim
+    # in_proj output columns: [z | x | B | C | dt]; x, B, C are each d_inner wide here.
+    x_cols = slice(d_inner, 2 * d_inner)
+    b_cols = slice(2 * d_inner, 3 * d_inner)
+    c_cols = slice(3 * d_inner, 4 * d_inner)
+    for part in ("kernel", "bias"):
+        if teacher["q_proj"][part] is None:
+            continue
+        w = params["in_proj"][part]
+        w = w.at[..., x_cols].set(teacher["v_proj"][part].astype(dtype))
+        w = w.at[..., b_cols].set(teacher["k_proj"][part].astype(dtype))
+        w = w.at[..., c_cols].set(teacher["q_proj"][part].astype(dtype))
+        params["in_proj"][part] = w
+    params["out_proj"] = {k: v.astype(dtype) for k, v in teacher["o_proj"].items() if v is not None}
+    return params
+
+
+# ---------------------------------------------------------------- GDN
+def init_gdn_from_attention(attn_params: Mapping[str, Any], config: ModelConfig, *, key: jax.Array) -> dict:
+    """Pure dict of a GatedDeltaNet mixer for `config` (the student config; `config.gdn`
+    set, teacher sizes unchanged) with q/k/v/o from the teacher's attention."""
+    cfg = config.gdn
+    if cfg is None:
+        raise ValueError("init_gdn_from_attention needs config.gdn; see default_gdn_config")
+    _check_matches_teacher(
+        "gdn", {"num_heads": cfg.num_heads, "head_k_dim": cfg.head_k_dim, "head_v_dim": cfg.head_v_dim}, config
+    )
+    teacher = _teacher_qkvo(attn_params, config)
+    dtype = teacher["q_proj"]["kernel"].dtype
+    params = _default_state(GatedDeltaNet, config, key, dtype)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        params[name] = {k: v.astype(dtype) for k, v in teacher[name].items() if v is not None}
+    return params

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity on real text (`perplexity`), corpora (`corpus`)."""

@@ -1,0 +1,58 @@
+"""Helpers shared by the linear-recurrence kernels (ssd, gated_delta_rule).
+
+Padding the time axis to a multiple of the chunk, turning per-token segment ids
+into a monotone segment index (so "same segment" is a plain equality even when a
+document id comes back later in the row), the relative-RMS error used by the
+tests and benchmarks, and the choice between interpret mode and compiled kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pad_time(x: jax.Array, multiple: int, axis: int = 1, value=0) -> jax.Array:
+    """Pad `axis` of x at the end up to a multiple of `multiple`."""
+    t = x.shape[axis]
+    pad = (-t) % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def segment_index(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] ids -> [B, T] int32 index that starts at 0 and grows by one where the id changes.
+
+    A state restarts exactly where the index grows, and two positions share a
+    segment iff their indices are equal (ids need not be sorted or unique).
+    """
+    if segment_ids.ndim != 2:
+        raise ValueError(f"segment_ids must be [batch, time], got shape {segment_ids.shape}")
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = jnp.concatenate([jnp.zeros((change.shape[0], 1), bool), change], axis=1)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def rel_rms(x, ref) -> float:
+    """||x - ref|| / ||ref|| in float64 on the host (0 when both are zero)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if x.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs reference {ref.shape}")
+    num = np.sqrt(np.mean((x - ref) ** 2))
+    den = np.sqrt(np.mean(ref**2))
+    if den == 0.0:
+        return float(num)
+    return float(num / den)
+
+
+def default_interpret(interpret: bool | None) -> bool:
+    """interpret=None means: interpret on CPU, compile on an accelerator."""
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)

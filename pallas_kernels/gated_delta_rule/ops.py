@@ -1,0 +1,149 @@
+"""Public gated delta rule op: `chunk_gated_delta_rule(..., impl=...)`.
+
+impl="reference" runs the per-step scan, "xla" the chunked pure-JAX form
+(differentiated by autodiff; the CPU path), "pallas" the chunked form with the
+inter-chunk recurrence in a Pallas kernel (Triton on GPU, Mosaic on TPU; interpret
+mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
+
+In the Pallas form only the sequential recurrence is a kernel with a custom VJP; the
+chunk-local parts around it (`xla.prepare`, parallel over chunks) stay plain JAX and
+are differentiated by autodiff. The backward pass does not keep the per-chunk states
+from the forward pass: it recomputes them with the forward kernel, walks the chunks
+backwards in the backward kernel, and then forms the remaining gradients with
+batched matrix products over all chunks at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import default_interpret
+from pallas_kernels.gated_delta_rule import gpu, tpu
+from pallas_kernels.gated_delta_rule.reference import fused_recurrent_gated_delta_rule
+from pallas_kernels.gated_delta_rule.xla import (
+    Chunked,
+    check_inputs,
+    chunk_gated_delta_rule_xla,
+    finish,
+    prepare,
+)
+
+IMPLS = ("auto", "xla", "pallas", "reference")
+_KERNELS = {"gpu": gpu, "tpu": tpu}
+
+
+def _einsum(spec, a, b):
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _recurrence(backend: str, chunk_size: int, interpret: bool):
+    """custom_vjp of (w, u, qg, aqk, kg, decay, h0) -> (o, final state) for one kernel family.
+
+    Arrays are flattened head-major: w, qg, kg [BH, Tp, K]; u [BH, Tp, V];
+    aqk [BH, Tp, C]; decay [BH, N]; h0 [BH, K, V] float32.
+    """
+    kern = _KERNELS[backend]
+    c = chunk_size
+
+    @jax.custom_vjp
+    def recurrence(w, u, qg, aqk, kg, decay, h0):
+        o, ht = kern.recurrence_fwd(w, u, qg, aqk, kg, decay, h0, chunk_size=c, interpret=interpret)
+        return o, ht
+
+    def fwd(w, u, qg, aqk, kg, decay, h0):
+        return recurrence(w, u, qg, aqk, kg, decay, h0), (w, u, qg, aqk, kg, decay, h0)
+
+    def bwd(res, cts):
+        w, u, qg, aqk, kg, decay, h0 = res
+        do, dht = cts
+        bh, tp, dk = w.shape
+        dv_dim = u.shape[-1]
+        n = tp // c
+        # Recompute the state entering each chunk and v_new rather than storing them.
+        _, _, h, v_new = kern.recurrence_fwd(
+            w, u, qg, aqk, kg, decay, h0, chunk_size=c, save_states=True, interpret=interpret
+        )
+        do = do.astype(w.dtype)
+        dh, dv, dh0 = kern.recurrence_bwd(
+            w, qg, aqk, kg, decay, do, dht.astype(jnp.float32), chunk_size=c, interpret=interpret
+        )
+        chunks = lambda x: x.reshape(bh, n, c, x.shape[-1])
+        do_c, vn_c, dv_c = chunks(do), chunks(v_new), chunks(dv)
+        # o = qg h + aqk v_new ; v_new = u - w h ; h' = decay h + kg^T v_new
+        dqg = _einsum("bncv,bnkv->bnck", do_c, h)
+        daqk = _einsum("bnic,bnjc->bnij", do_c, vn_c)
+        dkg = _einsum("bncv,bnkv->bnck", vn_c, dh)
+        dw = -_einsum("bncv,bnkv->bnck", dv_c.astype(w.dtype), h)
+        ddecay = _einsum("bnkv,bnkv->bn", h, dh)
+        flat = lambda x, like: x.reshape(like.shape).astype(like.dtype)
+        return (
+            flat(dw, w), dv.astype(u.dtype), flat(dqg, qg), flat(daqk, aqk), flat(dkg, kg),
+            ddecay.astype(decay.dtype), dh0.astype(h0.dtype),
+        )
+
+    recurrence.defvjp(fwd, bwd)
+    return recurrence
+
+
+def chunk_gated_delta_rule_pallas(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
+    chunk_size=64, interpret=None, backend=None,
+):
+    """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
+    running platform's, and the GPU kernel in interpret mode on CPU."""
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
+    interpret = default_interpret(interpret)
+    if backend is None:
+        backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    if backend not in _KERNELS:
+        raise ValueError(f"backend must be one of {tuple(_KERNELS)}, got {backend!r}")
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    if scale is None:
+        scale = dk**-0.5
+    x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+    n = x.decay.shape[-1]
+    flat = lambda a: a.reshape((b * h, n * chunk_size, a.shape[-1]))
+    h0 = (
+        jnp.zeros((b * h, dk, dv), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32).reshape(b * h, dk, dv)
+    )
+    o, ht = _recurrence(backend, chunk_size, interpret)(
+        flat(x.w), flat(x.u), flat(x.qg), flat(x.aqk), flat(x.kg), x.decay.reshape(b * h, n), h0
+    )
+    o = finish(o.reshape(b, h, n, chunk_size, dv), t, v.dtype)
+    return o, (ht.reshape(b, h, dk, dv) if output_final_state else None)
+
+
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
+    chunk_size=64, interpret=None, impl="auto",
+):
+    """Gated delta rule over a whole sequence (contract: docs/DESIGN.md "Interfaces").
+
+    q, k: [B,T,H,K]; v: [B,T,H,V]; g: [B,T,H] log-decay (<= 0); beta: [B,T,H];
+    initial_state: [B,H,K,V]; segment_ids: [B,T] (state restarts where it changes).
+    Returns (o [B,T,H,V] in v's dtype, final state [B,H,K,V] float32 or None).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "xla" if (jax.default_backend() == "cpu" and not interpret) else "pallas"
+    kwargs = dict(
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, segment_ids=segment_ids
+    )
+    if impl == "reference":
+        check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
+        return fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    if impl == "xla":
+        return chunk_gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    return chunk_gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=chunk_size, interpret=interpret, **kwargs)
+
+
+__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_pallas", "Chunked"]

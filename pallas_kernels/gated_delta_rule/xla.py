@@ -1,0 +1,206 @@
+"""Chunked gated delta rule in pure JAX (the CPU path and the kernels' scaffolding).
+
+The sequence is cut into chunks of C tokens. Inside a chunk the delta rule is
+solved in closed form (WY / UT representation, as in flash-linear-attention):
+
+    G      = cumsum of g within the chunk               (log of the running decay)
+    L_ij   = beta_i (k_i . k_j) exp(G_i - G_j),  j < i  (strictly lower)
+    w      = (I + L)^-1 (beta exp(G) k)    u = (I + L)^-1 (beta v)
+    v_new  = u - w S                        (what each token writes, given the state S
+                                             entering the chunk)
+    o      = qg S + Aqk v_new,  qg = scale q exp(G),  Aqk_ij = scale (q_i . k_j) exp(G_i - G_j), j <= i
+    S'     = exp(G_last) S + kg^T v_new,   kg = k exp(G_last - G)
+
+`prepare` does everything that is local to a chunk (parallel over chunks; plain
+JAX, differentiated by autodiff), `chunk_forward_step` is the only sequential part
+(one chunk of the state recurrence), which the Pallas kernels implement and the
+`lax.scan` here runs. Segment boundaries are folded into masks: a position sees the
+incoming state only if no segment starts between the chunk start and it, pairs
+inside a chunk interact only within one segment, and the state decays to zero across
+a chunk that contains a segment start.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import pad_time, segment_index
+
+
+class Chunked(NamedTuple):
+    """Chunk-local operands of the state recurrence, head-major: [B, H, N, C, ...]."""
+
+    w: jax.Array  # [B,H,N,C,K]
+    u: jax.Array  # [B,H,N,C,V]
+    qg: jax.Array  # [B,H,N,C,K]
+    aqk: jax.Array  # [B,H,N,C,C]
+    kg: jax.Array  # [B,H,N,C,K]
+    decay: jax.Array  # [B,H,N] float32
+
+
+def check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
+    """Raise a ValueError that names the offending argument."""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B,T,H,K]; got q {q.shape}, k {k.shape}")
+    b, t, h, dk = q.shape
+    if v.ndim != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v must be [B,T,H,V] = [{b},{t},{h},V]; got {v.shape}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (b, t, h):
+            raise ValueError(f"{name} must be [B,T,H] = {(b, t, h)}; got {x.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}; got {initial_state.shape}"
+        )
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be [B,T] = {(b, t)}; got {segment_ids.shape}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if t == 0:
+        raise ValueError("sequence length T must be at least 1")
+
+
+def _dot(a, b):
+    """a @ b with float32 accumulation (full precision when operands are float32)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    )
+
+
+def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
+    """One chunk of the recurrence for one (batch, head), any slice of V columns.
+
+    s: [K, BV] float32 state entering the chunk; w, qg, kg: [C, K]; u: [C, BV];
+    aqk: [C, C]; decay: scalar or broadcastable. Returns (o [C, BV], v_new [C, BV],
+    s' [K, BV]), all float32. Columns of V never mix, which lets kernels split V.
+    """
+    od = w.dtype
+    v_new = u.astype(s.dtype) - _dot(w, s.astype(od))
+    v_new_od = v_new.astype(od)
+    o = _dot(qg, s.astype(od)) + _dot(aqk, v_new_od)
+    s = decay * s + _dot(kg.T, v_new_od)
+    return o, v_new, s
+
+
+def chunk_backward_step(ds, do, w, qg, aqk, kg, decay):
+    """Reverse of `chunk_forward_step` for the state: given dL/dS' (ds, [K, BV] float32)
+    and dL/do (do, [C, BV]), return (dv_new [C, BV], dL/dS [K, BV]), float32."""
+    od = w.dtype
+    do = do.astype(od)
+    dv = _dot(aqk.T, do) + _dot(kg, ds.astype(od))
+    ds = decay * ds + _dot(qg.T, do) - _dot(w.T, dv.astype(od))
+    return dv, ds
+
+
+def _to_chunks(x, n, c):
+    """[B, Tp, H, ...] -> [B, H, N, C, ...]."""
+    b, _, h = x.shape[:3]
+    x = x.reshape((b, n, c, h) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None):
+    """Chunk-local part of the algorithm (see module docstring). Pads T inside.
+
+    Returns `Chunked` with w, u, qg, aqk, kg in `operand_dtype` (default: the
+    dtype of v, so bf16 inputs give bf16 matrix operands) and decay in float32.
+    """
+    b, t, h, _ = q.shape
+    c = chunk_size
+    tp = t + (-t) % c
+    n = tp // c
+    od = operand_dtype or v.dtype
+    f32 = jnp.promote_types(jnp.result_type(q, k, v, g, beta), jnp.float32)
+    # Padding with g = 0, beta = 0, k = v = q = 0 leaves the state unchanged.
+    q, k, v, g, beta = (pad_time(x.astype(f32), c) for x in (q, k, v, g, beta))
+    if segment_ids is None:
+        seg = jnp.zeros((b, tp), jnp.int32)
+    else:
+        idx = segment_index(segment_ids)
+        # Padded tail belongs to the last segment, so it does not reset the state.
+        seg = jnp.concatenate([idx, jnp.broadcast_to(idx[:, -1:], (b, tp - t))], axis=1)
+
+    qc, kc, vc = (_to_chunks(x, n, c) for x in (q, k, v))  # [B,H,N,C,D]
+    gc, bc = (_to_chunks(x, n, c) for x in (g, beta))  # [B,H,N,C]
+    segc = seg.reshape(b, n, c)[:, None]  # [B,1,N,C]
+    # Segment of the token just before each chunk (chunk 0 continues the initial state).
+    seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)[:, None, :, None]
+
+    gcum = jnp.cumsum(gc, axis=-1)
+    glast = gcum[..., -1:]
+    same = segc[..., :, None] == segc[..., None, :]  # [B,1,N,C,C]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    diff = gcum[..., :, None] - gcum[..., None, :]
+    # exp only where i >= j (and same segment): elsewhere diff may be large and positive.
+    decay_ij = jnp.where(causal & same, jnp.exp(jnp.where(causal & same, diff, 0.0)), 0.0)
+
+    carry_in = (segc == seg_prev).astype(f32)  # sees the state entering the chunk
+    carry_out = (segc == segc[..., -1:]).astype(f32)  # reaches the state leaving it
+
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
+    lower = jnp.where(strict, bc[..., :, None] * kk * decay_ij, 0.0)
+    eye = jnp.eye(c, dtype=f32)
+    rhs = jnp.concatenate(
+        [(bc * jnp.exp(gcum) * carry_in)[..., None] * kc, bc[..., None] * vc], axis=-1
+    )
+    wu = jax.scipy.linalg.solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
+    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
+
+    qg = (scale * jnp.exp(gcum) * carry_in)[..., None] * qc
+    aqk = scale * jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * decay_ij
+    kg = (jnp.exp(glast - gcum) * carry_out)[..., None] * kc
+    decay = jnp.exp(glast[..., 0]) * (segc[..., -1] == seg_prev[..., 0]).astype(f32)
+    return Chunked(
+        w.astype(od), u.astype(od), qg.astype(od), aqk.astype(od), kg.astype(od), decay
+    )
+
+
+def finish(o_bhnc, t, dtype):
+    """[B, H, N, C, V] -> [B, T, H, V] in dtype (drops the padding)."""
+    b, h, n, c, dv = o_bhnc.shape
+    o = jnp.moveaxis(o_bhnc, 1, 3).reshape(b, n * c, h, dv)
+    return o[:, :t].astype(dtype)
+
+
+def recurrence_scan(x: Chunked, h0):
+    """The inter-chunk recurrence with lax.scan. h0: [B,H,K,V] float32.
+
+    Returns (o [B,H,N,C,V] float32, final state [B,H,K,V] float32).
+    """
+    step = jax.vmap(jax.vmap(chunk_forward_step))  # over B, H
+
+    def body(s, xs):
+        w, u, qg, aqk, kg, decay = xs
+        o, _, s = step(s, w, u, qg, aqk, kg, decay[..., None, None])
+        return s, o
+
+    n_major = lambda a: jnp.moveaxis(a, 2, 0)
+    s, o = jax.lax.scan(body, h0, tuple(map(n_major, x)))
+    return jnp.moveaxis(o, 0, 2), s
+
+
+def chunk_gated_delta_rule_xla(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
+    chunk_size=64,
+):
+    """Chunked form, differentiable by JAX autodiff. Same contract as the public op."""
+    check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    if scale is None:
+        scale = dk**-0.5
+    x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+    state_dtype = jnp.promote_types(x.decay.dtype, jnp.result_type(q, k, v))
+    h0 = (
+        jnp.zeros((b, h, dk, dv), state_dtype)
+        if initial_state is None
+        else initial_state.astype(jnp.promote_types(state_dtype, initial_state.dtype))
+    )
+    o, s = recurrence_scan(x, h0)
+    return finish(o, t, v.dtype), (s if output_final_state else None)
