@@ -243,6 +243,7 @@ def test_tiny_gguf_import_equals_hf_model(saved, tmp_path):
     assert _rel(_ours(model, ids), _torch_logits(hf, ids)) <= 1e-4
 
 
+@pytest.mark.slow  # ~4.5 min on the shared 2-core CPU (GGUF tokenizer + two dequantized loads)
 def test_smollm2_gguf_matches_transformers_on_real_text():
     from hylo_jax.inference import generate
 

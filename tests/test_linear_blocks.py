@@ -12,6 +12,8 @@ short sequences.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +21,10 @@ import pytest
 from flax import nnx
 
 from hylo_jax.config import GDNConfig, Mamba2Config, ModelConfig
-from hylo_jax.convert import linear_init
+from hylo_jax.convert import linear_init, mapping
 from hylo_jax.layers.gated_deltanet import GatedDeltaNet
 from hylo_jax.layers.mamba2 import Mamba2
+from hylo_jax.models.decoder import CausalLM
 from pallas_kernels._common import rel_rms
 
 torch = pytest.importorskip("torch")
@@ -73,9 +76,15 @@ def _randomize(block, seed: int):
     return block
 
 
-def _block(kind: str, seed: int = 0, **cfg):
+@functools.lru_cache(maxsize=None)
+def _block(kind: str, bias: bool = False):
+    """One randomised block per kind (tests only read it; building one costs seconds)."""
     cls = {"mamba2": Mamba2, "gdn": GatedDeltaNet}[kind]
-    return _randomize(cls(_config(**cfg), rngs=nnx.Rngs(seed)), seed + 1)
+    return _randomize(cls(_config(qkv_bias=bias, o_bias=bias), rngs=nnx.Rngs(0)), 1)
+
+
+# One compiled call per block and shape: op-by-op dispatch would compile every primitive.
+_run = nnx.jit(lambda block, x, segment_ids=None, cache=None: block(x, None, segment_ids, cache))
 
 
 def _inputs(seed=0, batch=BATCH, t=T, d=32):
@@ -129,17 +138,12 @@ def mamba2_reference(p, cfg: Mamba2Config, x, segment_ids=None, conv=None, ssm=N
         xbc, conv = _conv_step(conv, xbc, p["conv1d"]["kernel"], p["conv1d"]["bias"])
         xs, bs, cs = torch.split(xbc, [d_inner, g_ * n_, g_ * n_], dim=-1)
         xs, bs, cs = xs.view(b, h_, p_), bs.view(b, g_, n_), cs.view(b, g_, n_)
-        dt = F.softplus(dt + _t(p["dt_bias"]))
-        new_ssm, y = [], []
-        for head in range(h_):
-            grp = head // (h_ // g_)
-            s = torch.exp(dt[:, head] * A[head])[:, None, None] * ssm[:, head] + (
-                dt[:, head, None, None] * xs[:, head, :, None] * bs[:, grp, None, :]
-            )
-            new_ssm.append(s)
-            y.append(torch.einsum("bpn,bn->bp", s, cs[:, grp]) + _t(p["D"])[head] * xs[:, head])
-        ssm = torch.stack(new_ssm, 1)
-        y = torch.stack(y, 1).reshape(b, d_inner) * F.silu(z)  # gate before the norm
+        dt = F.softplus(dt + _t(p["dt_bias"]))  # [B, H]
+        group = torch.arange(h_) // (h_ // g_)  # head -> its B/C group
+        bh, ch = bs[:, group], cs[:, group]  # [B, H, N]
+        ssm = torch.exp(dt * A)[..., None, None] * ssm + dt[..., None, None] * xs[..., None] * bh[:, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", ssm, ch) + _t(p["D"])[:, None] * xs
+        y = y.reshape(b, d_inner) * F.silu(z)  # gate before the norm
         yg = y.view(b, g_, d_inner // g_)
         yg = yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
         ys.append(_linear(p["out_proj"], yg.reshape(b, d_inner) * _t(p["norm"]["weight"])))
@@ -171,16 +175,11 @@ def gdn_reference(p, cfg: GDNConfig, x, segment_ids=None, conv=None, state=None)
         k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
         beta = torch.sigmoid(_linear(p["b_proj"], u))
         g = -torch.exp(_t(p["A_log"])) * F.softplus(_linear(p["a_proj"], u) + _t(p["dt_bias"]))
-        new_state, o = [], []
-        for head in range(h_):
-            kk = k[:, head]
-            s = torch.exp(g[:, head])[:, None, None] * (
-                (eye - beta[:, head, None, None] * kk[:, :, None] * kk[:, None, :]) @ state[:, head]
-            ) + beta[:, head, None, None] * kk[:, :, None] * v[:, head, None, :]
-            new_state.append(s)
-            o.append(dk**-0.5 * torch.einsum("bkv,bk->bv", s, q[:, head]))
-        state = torch.stack(new_state, 1)
-        o = torch.stack(o, 1)  # [B, H, Dv]
+        kkt = k[..., :, None] * k[..., None, :]  # [B, H, Dk, Dk]
+        state = torch.exp(g)[..., None, None] * ((eye - beta[..., None, None] * kkt) @ state) + (
+            beta[..., None, None] * k[..., :, None] * v[..., None, :]
+        )
+        o = dk**-0.5 * torch.einsum("bhkv,bhk->bhv", state, q)
         gate = _linear(p["g_proj"], u).view(b, h_, dv)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * _t(p["o_norm"]["weight"]) * F.silu(gate)
         ys.append(_linear(p["o_proj"], o.reshape(b, h_ * dv)))
@@ -207,9 +206,9 @@ KINDS = ["mamba2", "gdn"]
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkv_o_bias"])
 def test_full_sequence_matches_float64_reference(kind, bias):
-    block = _block(kind, qkv_bias=bias, o_bias=bias)
+    block = _block(kind, bias)
     x = _inputs()
-    y, cache = block(x, None)
+    y, cache = _run(block, x)
     assert cache is None and y.shape == x.shape and y.dtype == jnp.float32
     y_ref, _, _ = _reference(kind, block, x)
     assert rel_rms(y, y_ref) < TOL
@@ -220,16 +219,15 @@ def test_chunked_prefill_and_decode_match_reference(kind):
     """Prefill in uneven chunks (incl. a 1-token one) then decode token by token,
     starting from a non-zero cache: every output and the final cache agree with the
     per-step reference."""
-    block = _block(kind, seed=3)
+    block = _block(kind)
     x = _inputs(seed=4)
     rng = np.random.default_rng(5)
     cache = block.init_cache(BATCH, 64)
     cache = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), cache)
     y_ref, conv_ref, state_ref = _reference(kind, block, x, cache=cache)
-    step = nnx.jit(lambda blk, xs, c: blk(xs, None, None, c))
     outs, start = [], 0
     for piece in (13, 1, 11) + (1,) * 12:
-        y, cache = step(block, x[:, start : start + piece], cache)
+        y, cache = _run(block, x[:, start : start + piece], None, cache)
         outs.append(y)
         start += piece
     assert start == T
@@ -242,12 +240,12 @@ def test_chunked_prefill_and_decode_match_reference(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_token(kind):
     """T = 1 without a cache (chunked path) and with a fresh cache (decode step)."""
-    block = _block(kind, seed=6)
+    block = _block(kind)
     x = _inputs(seed=7, t=1)
     y_ref, conv_ref, state_ref = _reference(kind, block, x)
-    y, _ = block(x, None)
+    y, _ = _run(block, x)
     assert rel_rms(y, y_ref) < TOL
-    y, cache = block(x, None, None, block.init_cache(BATCH, 8))
+    y, cache = _run(block, x, None, block.init_cache(BATCH, 8))
     assert rel_rms(y, y_ref) < TOL
     assert rel_rms(cache.conv, conv_ref) < TOL
     assert rel_rms(_state(kind, cache), state_ref) < TOL
@@ -265,15 +263,20 @@ def _segment_ids(batch=BATCH):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_segments_equal_separate_runs(kind):
-    block = _block(kind, seed=8)
+    block = _block(kind)
     seg = _segment_ids()
     x = _inputs(seed=9, t=seg.shape[1])
-    y, _ = block(x, None, seg)
-    start = 0
-    for _, n in SEGMENTS:
-        alone, _ = block(x[:, start : start + n], None)
-        assert rel_rms(y[:, start : start + n], alone) < TOL, f"segment at {start} leaks"
-        start += n
+    y, _ = _run(block, x, seg)
+    # Every document on its own row, right-padded to the longest: the blocks are
+    # causal, so the padding does not touch a document's outputs.
+    longest = max(n for _, n in SEGMENTS)
+    starts = np.cumsum([0] + [n for _, n in SEGMENTS])
+    alone = jnp.concatenate(
+        [jnp.pad(x[:, a : a + n], ((0, 0), (0, longest - n), (0, 0))) for a, (_, n) in zip(starts, SEGMENTS)]
+    )
+    y_alone, _ = _run(block, alone)
+    for i, (a, (_, n)) in enumerate(zip(starts, SEGMENTS)):
+        assert rel_rms(y[:, a : a + n], y_alone[i * BATCH : (i + 1) * BATCH, :n]) < TOL, f"segment at {a} leaks"
     y_ref, _, _ = _reference(kind, block, x, np.asarray(seg))
     assert rel_rms(y, y_ref) < TOL
 
@@ -282,14 +285,14 @@ def test_packed_segments_equal_separate_runs(kind):
 def test_packed_prefill_cache_continues_last_segment(kind):
     """A cache filled from a packed chunk holds only the last document: decoding on
     from it equals running that document alone."""
-    block = _block(kind, seed=10)
+    block = _block(kind)
     seg = _segment_ids()
     x = _inputs(seed=11, t=seg.shape[1] + 3)
     n_last = SEGMENTS[-1][1]
-    _, cache = block(x[:, : seg.shape[1]], None, seg, block.init_cache(BATCH, 64))
+    _, cache = _run(block, x[:, : seg.shape[1]], seg, block.init_cache(BATCH, 64))
     for i in range(3):
-        y, cache = block(x[:, seg.shape[1] + i : seg.shape[1] + i + 1], None, None, cache)
-    y_alone, cache_alone = block(x[:, -(n_last + 3) :], None, None, block.init_cache(BATCH, 64))
+        y, cache = _run(block, x[:, seg.shape[1] + i : seg.shape[1] + i + 1], None, cache)
+    y_alone, cache_alone = _run(block, x[:, -(n_last + 3) :], None, block.init_cache(BATCH, 64))
     assert rel_rms(y, y_alone[:, -1:]) < TOL
     assert rel_rms(cache.conv, cache_alone.conv) < TOL
     assert rel_rms(_state(kind, cache), _state(kind, cache_alone)) < TOL
@@ -299,9 +302,8 @@ def test_mamba2_matches_transformers_mixer():
     """Our names and layouts are HF Mamba2's: its Mamba2Mixer with our weights (conv1d
     weight [C, 1, K] = our kernel [K, C] transposed) gives our output."""
     transformers = pytest.importorskip("transformers")
-    cfg = _config()
-    block = _randomize(Mamba2(cfg, rngs=nnx.Rngs(0)), 1)
-    m = cfg.mamba2
+    block = _block("mamba2")
+    cfg, m = _config(), block.cfg
     hf_cfg = transformers.Mamba2Config(
         hidden_size=cfg.hidden_size,
         num_heads=m.num_heads,
@@ -317,23 +319,50 @@ def test_mamba2_matches_transformers_mixer():
         num_hidden_layers=1,
     )
     mixer = transformers.models.mamba2.modeling_mamba2.Mamba2Mixer(hf_cfg, layer_idx=0).eval()
-    p = _params(block)
+    # The checkpoint rows of hylo_jax/convert/mapping.py give HF's names and layouts.
+    flat = {mapping.path_str(k): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(block, nnx.Param))}
     hf_state = {
-        "in_proj.weight": p["in_proj"]["kernel"].T,
-        "conv1d.weight": p["conv1d"]["kernel"].T[:, None, :],
-        "conv1d.bias": p["conv1d"]["bias"],
-        "dt_bias": p["dt_bias"],
-        "A_log": p["A_log"],
-        "D": p["D"],
-        "norm.weight": p["norm"]["weight"],
-        "out_proj.weight": p["out_proj"]["kernel"].T,
+        row.hf.removeprefix("mixer."): row.transform.to_hf(flat[row.nnx.removeprefix("mixer.")])
+        for row in mapping.MAMBA2_ROWS
+        if row.when is None or row.when(cfg)
     }
     mixer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state.items()}, strict=True)
     x = _inputs(seed=12)
     with torch.no_grad():
-        y_hf = mixer(torch.from_numpy(np.asarray(x))).numpy()
-    y, _ = block(x, None)
+        y_hf = mixer(torch.from_numpy(np.array(x))).numpy()
+    y, _ = _run(block, x)
     assert rel_rms(y, y_hf) < TOL
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkv_o_bias"])
+def test_mapping_rows_cover_hybrid_model(bias):
+    """Every parameter of a Mamba2 + GDN model has exactly one checkpoint row, and the
+    conv1d layout change round-trips."""
+    cfg = _config(qkv_bias=bias, o_bias=bias)
+    model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    paths = [mapping.path_str(k) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    table = mapping.param_table(cfg)
+    mapping.check_against_model(table, paths)
+    assert "model.layers.0.mixer.conv1d.weight" in table and "model.layers.1.linear_attn.q_conv1d.weight" in table
+    w = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)  # [K, C]
+    assert mapping.CONV1D.to_hf(w).shape == (6, 1, 4)
+    np.testing.assert_array_equal(mapping.CONV1D.to_nnx(mapping.CONV1D.to_hf(w)), w)
+
+
+def test_hybrid_model_decode_matches_full_forward():
+    """A Mamba2 + GDN CausalLM: prefill + one-token steps give the full forward's logits."""
+    model = CausalLM(_config(), rngs=nnx.Rngs(0))
+    _randomize(model, 2)
+    ids = jnp.asarray(np.random.default_rng(15).integers(0, 64, (BATCH, 21)), jnp.int32)
+    full = nnx.jit(lambda m, i: m(i))(model, ids)
+    step = nnx.jit(lambda m, i, pos, c: m.step(i, pos, c))
+    pos = jnp.broadcast_to(jnp.arange(21, dtype=jnp.int32), (BATCH, 21))
+    logits, cache = step(model, ids[:, :17], pos[:, :17], model.init_cache(BATCH, 32))
+    outs = [logits]
+    for i in range(17, 21):
+        logits, cache = step(model, ids[:, i : i + 1], pos[:, i : i + 1], cache)
+        outs.append(logits)
+    assert rel_rms(jnp.concatenate(outs, axis=1), full) < TOL
 
 
 # ------------------------------------------------------------- linear init
@@ -395,7 +424,7 @@ def test_init_mamba2_from_attention(bias):
     nnx.replace_by_pure_dict(state, params)
     nnx.update(block, state)
     np.testing.assert_array_equal(block.in_proj.kernel[...], params["in_proj"]["kernel"])
-    y, _ = block(_inputs(seed=13), None)
+    y, _ = _run(block, _inputs(seed=13))
     assert y.shape == (BATCH, T, 32) and np.all(np.isfinite(y)) and float(jnp.abs(y).max()) > 0
 
 
@@ -418,7 +447,7 @@ def test_init_gdn_from_attention(bias):
     state = nnx.state(block, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(block, state)
-    y, _ = block(_inputs(seed=14), None)
+    y, _ = _run(block, _inputs(seed=14))
     assert y.shape == (BATCH, T, 32) and np.all(np.isfinite(y)) and float(jnp.abs(y).max()) > 0
 
 
@@ -434,3 +463,17 @@ def test_init_rejects_sizes_that_do_not_fit_the_teacher():
     wrong = dict(teacher, k_proj={"kernel": teacher["k_proj"]["kernel"][:, :8]})
     with pytest.raises(ValueError, match="k_proj.kernel has shape"):
         linear_init.init_gdn_from_attention(wrong, good, key=jax.random.key(0))
+
+
+def test_init_folds_qwen3_qk_norm_weights():
+    teacher_cfg = _teacher_config(model_type="qwen3", qk_norm=True)
+    teacher = _teacher_attention(teacher_cfg, seed=2)
+    rng = np.random.default_rng(3)
+    for norm in ("q_norm", "k_norm"):
+        teacher[norm] = {"weight": jnp.asarray(1 + 0.3 * rng.standard_normal(8), jnp.float32)}
+    cfg = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=linear_init.default_gdn_config(teacher_cfg))
+    params = linear_init.init_gdn_from_attention(teacher, cfg, key=jax.random.key(0))
+    q_scale = np.tile(np.asarray(teacher["q_norm"]["weight"]), 4)
+    k_scale = np.tile(np.asarray(teacher["k_norm"]["weight"]), 2)
+    np.testing.assert_allclose(params["q_proj"]["kernel"], np.asarray(teacher["q_proj"]["kernel"]) * q_scale)
+    _check_repeated(np.asarray(params["k_proj"]["kernel"]), np.asarray(teacher["k_proj"]["kernel"]) * k_scale)

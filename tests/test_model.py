@@ -356,3 +356,82 @@ def test_causal_attention_chunked_gradients_equal_unchunked():
         np.testing.assert_allclose(a, b_, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
         causal_attention(q, k, v, scale=0.3, segment_ids=seg, cache_index=jnp.int32(0))
+
+
+def test_abstract_build_and_bfloat16_compute():
+    """Built abstractly (no weights allocated), then filled; bf16 compute with f32
+    params stays close to the f32 model and still returns float32 logits."""
+    hf = _hf_model("qwen2", 2)
+    config = ModelConfig.from_hf_config(hf.config.to_dict())
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    params = nnx.state(abstract, nnx.Param)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    names = {p[-1]: v.get_metadata()["out_sharding"] for p, v in nnx.to_flat_state(params)}
+    assert names["embedding"] == ("vocab", "embed") and names["weight"] == ("norm",)
+
+    ref_model = CausalLM(config, rngs=nnx.Rngs(0))
+    _load_into(ref_model, hf)
+    graphdef, _ = nnx.split(abstract)
+    model = nnx.merge(graphdef, nnx.state(ref_model))
+    ids = jnp.asarray(_ids(2, 16))
+    ours, ref = _forward(model, ids), _forward(ref_model, ids)
+    assert ours.dtype == jnp.float32
+    assert 0 < _rel_err(ours, ref) <= 3e-2
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, _, model = _build("llama2", 2)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, time\]"):
+        model(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        model(jnp.zeros((1, 5), jnp.float32))
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+        model.model(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), model.init_cache(1, 4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, jnp.zeros((1, 3), jnp.int32), 0)
+
+
+def _hybrid_model():
+    from hylo_jax.config import GDNConfig, Mamba2Config, MLAConfig
+
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        head_dim=16,
+        layer_types=("mla", "mamba2", "gdn", "attention"),
+        mla=MLAConfig(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+        mamba2=Mamba2Config(num_heads=4, head_dim=16, n_groups=4, state_size=16, chunk_size=8),
+        gdn=GDNConfig(num_heads=4, head_k_dim=16, head_v_dim=16, chunk_size=8),
+    )
+    return CausalLM(config, rngs=nnx.Rngs(0))
+
+
+def test_hybrid_dispatch_caches_and_packing():
+    """One layer of each kind: attribute names follow the checkpoint names; cached
+    decoding and chunked prefill equal the full forward; packing equals separate runs."""
+    model = _hybrid_model()
+    layers = model.model.layers
+    assert [layer.mixer_attr for layer in layers] == ["self_attn", "mixer", "linear_attn", "self_attn"]
+    assert [type(layer.token_mixer).__name__ for layer in layers] == ["MLA", "Mamba2", "GatedDeltaNet", "Attention"]
+
+    ids = jnp.asarray(_ids(2, 13, seed=7))
+    full = _forward(model, ids)
+    scale = float(jnp.max(jnp.abs(full)))
+    cache = model.init_cache(2, 16)
+    step = nnx.jit(lambda m, x, p, c: m.step(x, p, c))
+    for t in range(ids.shape[1]):
+        logits, cache = step(model, ids[:, t : t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+        assert float(jnp.max(jnp.abs(logits[:, 0] - full[:, t]))) / scale <= 1e-5
+    logits, _ = prefill(model, ids, model.init_cache(2, 16), chunk_size=5)
+    assert float(jnp.max(jnp.abs(logits - full[:, 10:]))) / scale <= 1e-5
+
+    segment_ids = jnp.asarray(np.repeat([[0, 1]], [6, 7], axis=1).astype(np.int32))
+    packed = _forward(model, ids[:1], None, segment_ids)
+    for lo, hi in ((0, 6), (6, 13)):
+        alone = _forward(model, ids[:1, lo:hi])
+        assert float(jnp.max(jnp.abs(packed[0, lo:hi] - alone[0]))) / scale <= 1e-5

@@ -168,9 +168,6 @@ class GGUFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._tensors)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first; numpy/HF order is the reverse.
         return tuple(int(d) for d in reversed(self._tensors[name].shape))
@@ -186,9 +183,6 @@ class GGUFCheckpoint:
             n = self.hf_config["num_attention_heads"] if ".q_proj." in name else self.hf_config["num_key_value_heads"]
             w = unpermute_rope_rows(w, n)
         return w
-
-    def nbytes(self) -> int:
-        return sum(int(t.n_bytes) for t in self._tensors.values())
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -13,8 +13,10 @@ softmax: the query, key and value projections keep their roles.
   gates (a, b, g projections), A_log, dt_bias and the short convs keep their default
   init.
 
-Biases of q/k/v and o (Qwen2) go to the same places. A Qwen3 teacher's q_norm/k_norm
-have no counterpart and are dropped (GDN L2-normalises q and k itself).
+Biases of q/k/v and o (Qwen2) go to the same places. A Qwen3 teacher normalises each
+q and k head (q_norm, k_norm); the normalisation has no linear counterpart, but its
+weight, which sets how much each head dimension counts in the scores, is folded into
+the q / k projection columns (GDN L2-normalises q and k itself).
 
 Everything here is a pure function on parameter pytrees: `attn_params` is the pure
 dict of a teacher Attention block (`nnx.to_pure_dict(nnx.state(attn, nnx.Param))`:
@@ -81,6 +83,13 @@ def _teacher_qkvo(attn_params: Mapping[str, Any], config: ModelConfig) -> dict[s
                 f"{'o_bias' if name == 'o_proj' else 'qkv_bias'}={want_bias}"
             )
         out[name] = {"kernel": kernel, "bias": None if bias is None else jnp.asarray(bias)}
+    if config.qk_norm:
+        for name, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
+            if norm not in attn_params:
+                raise ValueError(f"teacher attention params lack {norm} (config.qk_norm is set)")
+            heads = hq if name == "q_proj" else hkv
+            scale = jnp.tile(jnp.asarray(attn_params[norm]["weight"]), heads)
+            out[name] = {key: None if w is None else w * scale.astype(w.dtype) for key, w in out[name].items()}
     for name in ("k_proj", "v_proj"):
         out[name] = {key: None if w is None else _repeat_kv_heads(w, hkv, hq // hkv) for key, w in out[name].items()}
     return out

@@ -101,10 +101,44 @@ MLA_ROWS = (
     Row("self_attn.o_proj.bias", "self_attn.o_proj.bias", when=lambda c: c.o_bias),
 )
 
-# Rows of each mixer kind (config.layer_types); owners of mla/mamba2/gdn fill theirs in.
+# Depthwise conv1d: HF / fla weight [C, 1, K] <-> NNX kernel [K, C] (hylo_jax/layers/short_conv.py).
+CONV1D = Transform("conv1d", lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :])
+
+# Mamba2 with HF Mamba2 names (hylo_jax/layers/mamba2.py); in_proj/out_proj carry the
+# teacher's q/k/v and o biases when it has them.
+MAMBA2_ROWS = (
+    Row("mixer.in_proj.weight", "mixer.in_proj.kernel", TRANSPOSE),
+    Row("mixer.in_proj.bias", "mixer.in_proj.bias", when=lambda c: c.qkv_bias),
+    Row("mixer.conv1d.weight", "mixer.conv1d.kernel", CONV1D),
+    Row("mixer.conv1d.bias", "mixer.conv1d.bias"),
+    Row("mixer.dt_bias", "mixer.dt_bias"),
+    Row("mixer.A_log", "mixer.A_log"),
+    Row("mixer.D", "mixer.D"),
+    Row("mixer.norm.weight", "mixer.norm.weight"),
+    Row("mixer.out_proj.weight", "mixer.out_proj.kernel", TRANSPOSE),
+    Row("mixer.out_proj.bias", "mixer.out_proj.bias", when=lambda c: c.o_bias),
+)
+
+# Gated DeltaNet with flash-linear-attention names (hylo_jax/layers/gated_deltanet.py).
+GDN_ROWS = (
+    *(Row(f"linear_attn.{n}.weight", f"linear_attn.{n}.kernel", TRANSPOSE)
+      for n in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj")),
+    *(Row(f"linear_attn.{n}.bias", f"linear_attn.{n}.bias", when=lambda c: c.qkv_bias)
+      for n in ("q_proj", "k_proj", "v_proj")),
+    Row("linear_attn.o_proj.bias", "linear_attn.o_proj.bias", when=lambda c: c.o_bias),
+    *(Row(f"linear_attn.{n}.weight", f"linear_attn.{n}.kernel", CONV1D)
+      for n in ("q_conv1d", "k_conv1d", "v_conv1d")),
+    Row("linear_attn.A_log", "linear_attn.A_log"),
+    Row("linear_attn.dt_bias", "linear_attn.dt_bias"),
+    Row("linear_attn.o_norm.weight", "linear_attn.o_norm.weight"),
+)
+
+# Rows of each mixer kind (config.layer_types).
 MIXER_ROWS: dict[str, tuple[Row, ...]] = {
     "attention": ATTENTION_ROWS,
     "mla": MLA_ROWS,
+    "mamba2": MAMBA2_ROWS,
+    "gdn": GDN_ROWS,
 }
 
 # Checkpoint tensors that carry no parameter and are skipped on import: RoPE

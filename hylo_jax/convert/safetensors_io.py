@@ -195,23 +195,8 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def info(self, name: str) -> TensorInfo:
-        return self._where[name].tensors[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.info(name).shape
-
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
-
-    def file_of(self, name: str) -> str:
-        return self._where[name].path
-
-    def nbytes(self) -> int:
-        return sum(t.end - t.begin for t in (self.info(n) for n in self._where))
 
 
 # --------------------------------------------------------------------- writing

@@ -15,7 +15,8 @@ accumulated over sequence chunks with `lax.scan`, each chunk's logits recomputed
 the backward pass (`jax.checkpoint`), so memory grows with B*T*D, not B*T*V.
 
 Batches are dicts of [B, T] arrays: "input_ids", "positions", "segment_ids" and
-"loss_mask" (1 for real tokens, 0 for padding); see hylo_jax/distill/data.py.
+"loss_mask" (1 where token t+1 is the next token of t's document, 0 at document ends
+and padding); see hylo_jax/distill/data.py. Every loss is masked by loss_mask.
 """
 
 from __future__ import annotations
@@ -137,16 +138,10 @@ def layer_alignment_loss(
     return loss, metrics
 
 
-def next_token_targets(input_ids, segment_ids, mask):
-    """(targets, target_mask): token t predicts t+1 when t+1 is real and in t's segment."""
-    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-    valid = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) * mask
-    if segment_ids is not None:
-        same = jnp.concatenate(
-            [segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros_like(segment_ids[:, :1], bool)], axis=1
-        )
-        valid = valid * same
-    return targets, valid
+def next_token_targets(input_ids):
+    """Token t's target is token t+1 (the data pipeline's loss_mask already marks where
+    t+1 is the next token of the same document)."""
+    return jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
 
 
 def chunked_kl_and_ce(
@@ -245,7 +240,7 @@ def kl_distill_loss(
     h_s = final_hidden(student, ids, positions, segment_ids, remat)
     targets = target_mask = None
     if ce_weight > 0:
-        targets, target_mask = next_token_targets(ids, segment_ids, mask)
+        targets, target_mask = next_token_targets(ids), mask
     sums = chunked_kl_and_ce(
         student, teacher, h_s, h_t, mask, targets, target_mask, temperature=temperature, chunk_size=chunk_size
     )

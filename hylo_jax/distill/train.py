@@ -438,23 +438,23 @@ class Evaluator:
         )["ppl"]
 
     def passkey(self, model) -> dict[str, float]:
-        if not self.passkey_lengths:
-            return {}
         from hylo_jax.eval import passkey
 
         out = {}
         for length in self.passkey_lengths:
-            res = passkey.passkey_accuracy(
-                model, self.tokenizer, length=length, trials=self.cfg.passkey_trials, seed=self.cfg.seed
+            res = passkey.evaluate(
+                model, self.tokenizer, length, n_trials=self.cfg.passkey_trials, seed=self.cfg.seed,
+                prefill_chunk_size=self.cfg.passkey_prefill_chunk or None,
             )
             out[f"passkey@{length}"] = float(res["accuracy"])
         return out
 
-    def __call__(self, student, teacher=None, *, with_kl: bool = True) -> dict[str, float]:
+    def __call__(self, student, teacher=None, *, with_passkey: bool = True) -> dict[str, float]:
         res = {"ppl": float(self.perplexity(student))}
-        if teacher is not None and with_kl:
+        if teacher is not None:
             res["heldout_kl"] = heldout_kl(student, teacher, self.windows, self.cfg.batch_size)
-        res.update(self.passkey(student))
+        if with_passkey:
+            res.update(self.passkey(student))
         return res
 
 
@@ -474,7 +474,8 @@ def distill(
     get_state/set_state for exact resume); default: hylo_jax.distill.data over
     cfg.data with the teacher's tokenizer. evaluator(student, teacher) -> dict of
     numbers, called on the teacher at the start, on the student at init and after
-    each stage; default: `Evaluator(cfg.eval)` when cfg.eval.enabled. on_step(global_step,
+    each stage (passkey: at the start and after the last stage, or after every stage
+    with cfg.eval.passkey_every_stage); default: `Evaluator(cfg.eval)` when cfg.eval.enabled. on_step(global_step,
     metrics) is called after every step (metrics as host floats only on log steps).
     """
     from hylo_jax.checkpoint import Checkpointer
@@ -504,9 +505,6 @@ def distill(
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_state = shd.shard_state(teacher_state, shd.state_shardings(teacher_state, mesh))
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    base_config = student.config
-    dtype = student.dtype
-    param_dtype = jax.tree.leaves(nnx.state(student, nnx.Param))[0].dtype
     _, params, rest = split_student(student)
     params = shd.shard_state(params, shd.state_shardings(params, mesh))
     rest = shd.shard_state(rest, shd.state_shardings(rest, mesh))
@@ -517,14 +515,27 @@ def distill(
         os.path.join(cfg.workdir, "checkpoints"), save_every=cfg.checkpoint_every, keep=cfg.checkpoint_keep
     )
     ckpt.install_preemption_handler()
+    try:
+        return _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
+                           teacher, teacher_graphdef, teacher_state, student, params, rest)
+    finally:
+        ckpt.close()  # waits for an async save in flight, restores signal handlers
+        sink.close()
+
+
+def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
+                teacher, teacher_graphdef, teacher_state, student, params, rest):
+    base_config = student.config
+    dtype = student.dtype
+    param_dtype = jax.tree.leaves(params)[0].dtype
     ends = np.cumsum([s.steps for s in stages]).tolist()
     resume_step = ckpt.latest_step or 0
     history: dict[str, Any] = {"stages": [], "evals": {}}
 
-    def evaluate(name, model, with_teacher=True):
+    def evaluate(name, model, with_teacher=True, with_passkey=True):
         if evaluator is None:
             return
-        res = evaluator(model, teacher if with_teacher else None)
+        res = evaluator(model, teacher if with_teacher else None, with_passkey=with_passkey)
         history["evals"][name] = res
         sink.write({"event": "eval", "name": name, **res})
         log.info("eval %-14s %s", name, "  ".join(f"{k}={v:.4g}" for k, v in res.items()))
@@ -620,12 +631,11 @@ def distill(
             break
         history["stages"].append({"name": stage.name, "compile_and_first_step_s": first_step_time})
         student_now = nnx.merge(graphdef, params, rest)
-        evaluate(f"after_{stage.name}", student_now)
-    ckpt.close()
+        last = si == len(stages) - 1
+        evaluate(f"after_{stage.name}", student_now, with_passkey=last or cfg.eval.passkey_every_stage)
     history["student"] = nnx.merge(_graphdef_for(base_config, dtype, param_dtype), params, rest)
     history["stopped"] = stopped
     history["wall_s"] = time.perf_counter() - t_run
     if sink.active and not stopped:
         history["plot"] = plot_loss_curves(cfg.workdir)
-    sink.close()
     return history

@@ -30,8 +30,7 @@ from hylo_jax.layers.linear import Linear, init_param
 from hylo_jax.layers.mamba2 import a_log_init, dt_bias_init
 from hylo_jax.layers.norms import RMSNormGated
 from hylo_jax.layers.short_conv import ShortConv, causal_conv1d
-from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
-from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_step
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, gated_delta_rule_step
 
 # fla's l2norm epsilon (x / sqrt(sum x^2 + eps)).
 L2NORM_EPS = 1e-6

@@ -24,15 +24,13 @@ default_embed_init: Initializer = nnx.initializers.normal(stddev=0.02)
 def make_param(value, axes: Sequence[str | None]) -> nnx.Param:
     """Wraps `value` as an nnx.Param annotated with one logical axis name per dim.
 
-    Without a mesh in context the annotation is only metadata (so models build on a
-    laptop); under `jax.set_mesh(mesh)` Flax places the value eagerly, using the
-    logical-axis rules that hylo_jax.sharding sets.
+    The names are metadata only (Flax's eager sharding is off): hylo_jax.sharding maps
+    them onto a mesh, so a model builds the same with or without a mesh in context.
     """
     axes = tuple(axes)
     if len(axes) != len(value.shape):
         raise ValueError(f"axes {axes} do not match parameter shape {tuple(value.shape)}")
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def init_param(

@@ -30,8 +30,7 @@ from hylo_jax.config import ModelConfig
 from hylo_jax.layers.linear import Linear, init_param
 from hylo_jax.layers.norms import RMSNormGated
 from hylo_jax.layers.short_conv import ShortConv, causal_conv1d
-from pallas_kernels.ssd import ssd
-from pallas_kernels.ssd.reference import ssd_step
+from pallas_kernels.ssd import ssd, ssd_step
 
 # mamba_ssm / HF Mamba2 defaults for the time-step initialisation.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4

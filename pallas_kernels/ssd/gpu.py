@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -68,9 +69,9 @@ def core_pallas_gpu(v, a, k, q, h0, s, sp, *, chunk_size, block_p=32, num_warps=
     rv, rk, rq = h // v.shape[2], h // k.shape[2], h // q.shape[2]
     has_seg = s is not None
     in_specs = [
-        pl.BlockSpec((None, tp, None, n), lambda i, j, m: (i, 0, j // rq, 0)),
-        pl.BlockSpec((None, tp, None, n), lambda i, j, m: (i, 0, j // rk, 0)),
-        pl.BlockSpec((None, tp, None, bp), lambda i, j, m: (i, 0, j // rv, m)),
+        pl.BlockSpec((None, tp, None, n), lambda i, j, m: (i, 0, lax.div(j, j.dtype.type(rq)), 0)),
+        pl.BlockSpec((None, tp, None, n), lambda i, j, m: (i, 0, lax.div(j, j.dtype.type(rk)), 0)),
+        pl.BlockSpec((None, tp, None, bp), lambda i, j, m: (i, 0, lax.div(j, j.dtype.type(rv)), m)),
         pl.BlockSpec((None, None, tp), lambda i, j, m: (i, j, 0)),
         pl.BlockSpec((None, None, bp, n), lambda i, j, m: (i, j, m, 0)),
     ]

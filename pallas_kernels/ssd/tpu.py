@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -54,9 +55,9 @@ def core_pallas_tpu(v, a, k, q, h0, s, sp, *, chunk_size, interpret=False):
     head_major = lambda z: jnp.swapaxes(z, 1, 2)  # [B, T, G, d] -> [B, G, T, d]
     has_seg = s is not None
     in_specs = [
-        pl.BlockSpec((None, None, L, n), lambda i, j, c: (i, j // rq, c, 0)),
-        pl.BlockSpec((None, None, L, n), lambda i, j, c: (i, j // rk, c, 0)),
-        pl.BlockSpec((None, None, L, p), lambda i, j, c: (i, j // rv, c, 0)),
+        pl.BlockSpec((None, None, L, n), lambda i, j, c: (i, lax.div(j, j.dtype.type(rq)), c, 0)),
+        pl.BlockSpec((None, None, L, n), lambda i, j, c: (i, lax.div(j, j.dtype.type(rk)), c, 0)),
+        pl.BlockSpec((None, None, L, p), lambda i, j, c: (i, lax.div(j, j.dtype.type(rv)), c, 0)),
         pl.BlockSpec((None, None, None, 1, L), lambda i, j, c: (i, j, c, 0, 0)),
         pl.BlockSpec((None, None, p, n), lambda i, j, c: (i, j, 0, 0)),
     ]

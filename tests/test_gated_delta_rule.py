@@ -1,0 +1,258 @@
+"""Gated delta rule: reference vs an independent float64 loop, chunked XLA form and
+Pallas kernels (interpret mode on CPU, compiled on GPU) vs the float64 reference in
+output, final state and every gradient; Mosaic TPU and Triton lowering checked on CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import rel_rms
+from pallas_kernels.gated_delta_rule import (
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_pallas,
+    fused_recurrent_gated_delta_rule,
+    gated_delta_rule_step,
+)
+
+TOL = {jnp.float32: 5e-3, jnp.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def x64():
+    """Float64 for the ground-truth reference, only inside the tests that ask for it."""
+    with jax.enable_x64(True):
+        yield
+
+
+def make_inputs(seed, b, t, h, dk, dv, dtype=jnp.float32, n_segments_hint=0.05):
+    ks = jax.random.split(jax.random.key(seed), 9)
+    q = jax.random.normal(ks[0], (b, t, h, dk))
+    k = jax.random.normal(ks[1], (b, t, h, dk))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # GDN L2-normalises keys
+    v = jax.random.normal(ks[2], (b, t, h, dv))
+    g = jax.nn.log_sigmoid(2.0 * jax.random.normal(ks[3], (b, t, h)) + 3.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+    h0 = jax.random.normal(ks[5], (b, h, dk, dv))
+    seg = jnp.cumsum(jax.random.uniform(ks[6], (b, t)) < n_segments_hint, axis=1).astype(jnp.int32)
+    do = jax.random.normal(ks[7], (b, t, h, dv))
+    dht = jax.random.normal(ks[8], (b, h, dk, dv))
+    cast = lambda x: x.astype(dtype)
+    return dict(q=cast(q), k=cast(k), v=cast(v), g=cast(g), beta=cast(beta), h0=h0, seg=seg, do=do, dht=dht)
+
+
+def _loss_and_grads(fn, x, use_h0, use_seg, **kw):
+    """o, final state, and gradients of <o, do> + <S_T, dS> w.r.t. q, k, v, g, beta (and h0)."""
+    seg = x["seg"] if use_seg else None
+
+    def loss(q, k, v, g, beta, h0):
+        o, s = fn(q, k, v, g, beta, initial_state=h0 if use_h0 else None, output_final_state=True,
+                  segment_ids=seg, **kw)
+        return jnp.sum(o.astype(jnp.float32) * x["do"]) + jnp.sum(s * x["dht"]), (o, s)
+
+    args = [x[n] for n in ("q", "k", "v", "g", "beta", "h0")]
+    grads, (o, s) = jax.grad(loss, argnums=tuple(range(6 if use_h0 else 5)), has_aux=True)(*args)
+    return o, s, grads
+
+
+def _reference64(x, use_h0, use_seg):
+    x64_inputs = {n: (a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a) for n, a in x.items()}
+    return _loss_and_grads(fused_recurrent_gated_delta_rule, x64_inputs, use_h0, use_seg)
+
+
+def _assert_close(got, want, tol, what=""):
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    o, s, grads = got
+    o_r, s_r, grads_r = want
+    errors = {"o": rel_rms(o, o_r), "final_state": rel_rms(s, s_r)}
+    errors.update({f"d{n}": rel_rms(a, b) for n, a, b in zip(names, grads, grads_r)})
+    for name, err in errors.items():
+        assert np.isfinite(err) and err <= tol, f"{what}: rel-RMS error of {name} = {err:.2e} > {tol:.0e} ({errors})"
+
+
+# ---------------------------------------------------------------------- reference
+def test_reference_matches_dense_numpy_loop(x64):
+    """The scan against S_t = exp(g_t)(I - b k k^T) S_{t-1} + b k v^T written with dense matrices."""
+    x = make_inputs(0, 1, 23, 2, 5, 3, n_segments_hint=0.15)
+    args = {n: np.asarray(x[n], np.float64) for n in ("q", "k", "v", "g", "beta", "h0")}
+    seg = np.asarray(x["seg"])
+    o, s = fused_recurrent_gated_delta_rule(
+        *(jnp.asarray(args[n]) for n in ("q", "k", "v", "g", "beta")),
+        initial_state=jnp.asarray(args["h0"]), output_final_state=True, segment_ids=x["seg"],
+    )
+    dk = args["q"].shape[-1]
+    o_np = np.zeros_like(np.asarray(o))
+    for hh in range(2):
+        state = args["h0"][0, hh]
+        for t in range(23):
+            if t > 0 and seg[0, t] != seg[0, t - 1]:
+                state = np.zeros_like(state)
+            kt, bt = args["k"][0, t, hh], args["beta"][0, t, hh]
+            state = np.exp(args["g"][0, t, hh]) * (np.eye(dk) - bt * np.outer(kt, kt)) @ state + bt * np.outer(
+                kt, args["v"][0, t, hh]
+            )
+            o_np[0, t, hh] = dk**-0.5 * state.T @ args["q"][0, t, hh]
+        np.testing.assert_allclose(np.asarray(s)[0, hh], state, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(o), o_np, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_steps_continue_chunked_prefill():
+    """Prefill with the chunked op, then decode token by token with the step function:
+    the same outputs as running the chunked op over the whole sequence."""
+    x = make_inputs(1, 2, 40, 2, 8, 8)
+    names = ("q", "k", "v", "g", "beta")
+    full, s_full = chunk_gated_delta_rule(*(x[n] for n in names), initial_state=x["h0"], output_final_state=True,
+                                          chunk_size=16, impl="xla")
+    _, s = chunk_gated_delta_rule(*(x[n][:, :33] for n in names), initial_state=x["h0"], output_final_state=True,
+                                  chunk_size=16, impl="xla")
+    outs = []
+    for t in range(33, 40):
+        o_t, s = gated_delta_rule_step(*(x[n][:, t] for n in names), s)
+        outs.append(o_t)
+    assert rel_rms(jnp.stack(outs, 1), full[:, 33:]) < 1e-5
+    assert rel_rms(s, s_full) < 1e-5
+
+
+# ------------------------------------------------------------------- chunked XLA
+@pytest.mark.parametrize("t", [1, 63, 77, 130, 1000])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_xla_forward(x64, t, chunk):
+    x = make_inputs(t + chunk, 1, t, 2, 8, 4)
+    names = ("q", "k", "v", "g", "beta")
+    for use_h0, use_seg in ((False, False), (True, True)):
+        kw = dict(initial_state=x["h0"] if use_h0 else None, output_final_state=True,
+                  segment_ids=x["seg"] if use_seg else None)
+        o, s = chunk_gated_delta_rule(*(x[n] for n in names), chunk_size=chunk, impl="xla", **kw)
+        kw64 = dict(kw, initial_state=None if kw["initial_state"] is None else kw["initial_state"].astype(jnp.float64))
+        o_r, s_r = fused_recurrent_gated_delta_rule(*(x[n].astype(jnp.float64) for n in names), **kw64)
+        assert rel_rms(o, o_r) <= 5e-3 and rel_rms(s, s_r) <= 5e-3, (t, chunk, use_h0, use_seg)
+
+
+@pytest.mark.parametrize(
+    "t,chunk,use_h0,use_seg",
+    [(1, 16, True, True), (63, 16, False, False), (77, 32, True, False), (130, 64, False, True),
+     (1000, 64, True, True)],
+)
+def test_xla_gradients(x64, t, chunk, use_h0, use_seg):
+    x = make_inputs(t, 2, t, 2, 8, 4)
+    got = _loss_and_grads(chunk_gated_delta_rule, x, use_h0, use_seg, chunk_size=chunk, impl="xla")
+    _assert_close(got, _reference64(x, use_h0, use_seg), 5e-3, f"xla T={t} C={chunk}")
+
+
+def test_xla_bf16(x64):
+    x = make_inputs(5, 1, 130, 2, 16, 16, dtype=jnp.bfloat16)
+    got = _loss_and_grads(chunk_gated_delta_rule, x, True, True, chunk_size=32, impl="xla")
+    _assert_close(got, _reference64(x, True, True), 2e-2, "xla bf16")
+
+
+def test_segments_do_not_leak():
+    """Packing two documents equals running them separately (state restarts at the boundary)."""
+    x = make_inputs(7, 1, 50, 2, 8, 4)
+    names = ("q", "k", "v", "g", "beta")
+    seg = jnp.concatenate([jnp.zeros((1, 21), jnp.int32), jnp.ones((1, 29), jnp.int32)], axis=1)
+    packed, _ = chunk_gated_delta_rule(*(x[n] for n in names), segment_ids=seg, chunk_size=16, impl="xla")
+    second, _ = chunk_gated_delta_rule(*(x[n][:, 21:] for n in names), chunk_size=16, impl="xla")
+    assert rel_rms(packed[:, 21:], second) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = make_inputs(0, 1, 8, 2, 4, 4)
+    names = ("q", "k", "v", "g", "beta")
+    args = [x[n] for n in names]
+    with pytest.raises(ValueError, match="beta must be"):
+        chunk_gated_delta_rule(*args[:4], args[4][:, :5])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        chunk_gated_delta_rule(*args, initial_state=x["h0"][:, :1])
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        chunk_gated_delta_rule(*args, segment_ids=x["seg"][:, :3])
+    with pytest.raises(ValueError, match="impl must be"):
+        chunk_gated_delta_rule(*args, impl="cuda")
+
+
+# ---------------------------------------------------------------- Pallas kernels
+class TestPallasInterpret:
+    """The Pallas forms with interpret=True on CPU (slow, so small shapes)."""
+
+    INTERPRET = True
+    CASES = [(40, 16, True, True)]
+    SLOW_CASES = [(1, 16, False, False), (63, 16, True, False), (77, 32, False, True), (130, 64, True, True)]
+
+    def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16)):
+        x = make_inputs(t, 1, t, 2, *dims, dtype=dtype)
+        got = _loss_and_grads(chunk_gated_delta_rule_pallas, x, use_h0, use_seg, chunk_size=chunk,
+                              interpret=self.INTERPRET, backend=backend)
+        with jax.enable_x64(True):
+            want = _reference64(x, use_h0, use_seg)
+        _assert_close(got, want, TOL[dtype], f"pallas-{backend} T={t} C={chunk} h0={use_h0} seg={use_seg}")
+
+    @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
+    def test_matches_reference(self, backend, t, chunk, use_h0, use_seg):
+        self._check(backend, t, chunk, use_h0, use_seg)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", SLOW_CASES)
+    def test_matches_reference_more_shapes(self, backend, t, chunk, use_h0, use_seg):
+        self._check(backend, t, chunk, use_h0, use_seg)
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+class TestPallasGPU(TestPallasInterpret):
+    """The same checks compiled for the GPU (Triton), on the full grid of shapes."""
+
+    INTERPRET = False
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize(
+        "t,chunk,use_h0,use_seg",
+        [(1, 16, True, True), (63, 32, False, False), (77, 64, True, True), (130, 16, True, False),
+         (1000, 32, False, True), (1000, 64, True, True)],
+    )
+    def test_compiled(self, dtype, t, chunk, use_h0, use_seg):
+        self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64))
+
+    @pytest.mark.parametrize("backend", ["gpu"])
+    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", TestPallasInterpret.CASES)
+    def test_matches_reference(self, backend, t, chunk, use_h0, use_seg):
+        self._check(backend, t, chunk, use_h0, use_seg)
+
+    test_matches_reference_more_shapes = None
+
+
+# --------------------------------------------------------------------- lowering
+def _export_grad(backend, platform, dtype):
+    b, t, h, dk, dv = 1, 256, 2, 128, 128
+
+    def grads(q, k, v, g, beta, h0):
+        def loss(*a):
+            o, s = chunk_gated_delta_rule_pallas(*a[:5], initial_state=a[5], output_final_state=True,
+                                                 chunk_size=64, interpret=False, backend=backend)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+        return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, g, beta, h0)
+
+    shapes = [(b, t, h, dk), (b, t, h, dk), (b, t, h, dv), (b, t, h), (b, t, h)]
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
+    disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if backend == "gpu" else []
+    return jax.export.export(jax.jit(grads), platforms=(platform,), disabled_checks=disabled)(*args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernels_lower_with_mosaic(dtype):
+    exported = _export_grad("tpu", "tpu", dtype)
+    assert exported.mlir_module().count("tpu_custom_call") >= 3  # fwd, recompute fwd, bwd
+
+
+def test_gpu_kernels_lower_with_triton():
+    exported = _export_grad("gpu", "cuda", jnp.bfloat16)
+    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
