@@ -19,10 +19,10 @@ def get_config():
     cfg.data.name = "python_stdlib"
     cfg.eval.corpus = "python_stdlib"
     # A few minutes of a shared GPU budget, not the paper's 10B tokens.
-    cfg.stages.align = _base.stage("align", 2048, 150, 8, 3e-4, remat="full")
-    cfg.stages.kl = _base.stage("kl", 2048, 300, 8, 1e-4, remat="full", kl_chunk=1024)
+    cfg.stages.align = _base.stage("align", 2048, 100, 8, 3e-4, remat="full")
+    cfg.stages.kl = _base.stage("kl", 2048, 200, 8, 1e-4, remat="full", kl_chunk=1024)
     cfg.stages.long = _base.stage(
-        "kl", 16384, 30, 1, 5e-5, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
+        "kl", 16384, 20, 1, 5e-5, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
     )
     cfg.log_every = 25
     cfg.checkpoint_every = 10_000  # stage ends only: the device's disk is discarded anyway

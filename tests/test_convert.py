@@ -190,27 +190,31 @@ def test_rope_permutation_matches_transformers_inverse():
     np.testing.assert_array_equal(undone, w)
 
 
-def _write_gguf(hf, path):
-    """A tiny GGUF laid out as llama.cpp's convert_hf_to_gguf writes a Llama (F32)."""
+def _write_gguf(hf, path, arch="llama"):
+    """A tiny F32 GGUF laid out as llama.cpp's convert_hf_to_gguf writes it: for the
+    "llama" architecture it permutes the Q/K rows; Qwen (NeoX RoPE) it does not."""
     c = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = {
         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
         "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
+        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
     }  # fmt: skip
     for name, tensor in hf.state_dict().items():
         a = tensor.float().numpy()
@@ -219,13 +223,14 @@ def _write_gguf(hf, path):
         elif name == "model.norm.weight":
             w.add_tensor("output_norm.weight", a)
         elif name == "lm_head.weight":
-            w.add_tensor("output.weight", a)
+            if not c.tie_word_embeddings:
+                w.add_tensor("output.weight", a)
         else:
             _, _, i, *rest = name.split(".")
             module = ".".join(rest[:-1])
-            if module == "self_attn.q_proj":
+            if arch == "llama" and module == "self_attn.q_proj":
                 a = permute_rope_rows(a, c.num_attention_heads)
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 a = permute_rope_rows(a, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{names[module]}.{rest[-1]}", np.ascontiguousarray(a))
     w.write_header_to_file()
@@ -234,13 +239,26 @@ def _write_gguf(hf, path):
     w.close()
 
 
-def test_tiny_gguf_import_equals_hf_model(saved, tmp_path):
-    hf, _ = saved["llama"]
-    _write_gguf(hf, tmp_path / "tiny.gguf")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_tiny_gguf_import_equals_hf_model(saved, family, tmp_path):
+    hf, _ = saved[family]
+    _write_gguf(hf, tmp_path / "tiny.gguf", arch=family)
     model = load_model(str(tmp_path / "tiny.gguf"), progress=False)
-    assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
+    assert model.config.num_key_value_heads == hf.config.num_key_value_heads
+    assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
     ids = _ids()
     assert _rel(_ours(model, ids), _torch_logits(hf, ids)) <= 1e-4
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="gpt2.gguf: unsupported GGUF architecture 'gpt2'"):
+        load_model(str(tmp_path / "gpt2.gguf"))
 
 
 @pytest.mark.slow  # ~4.5 min on the shared 2-core CPU (GGUF tokenizer + two dequantized loads)

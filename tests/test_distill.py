@@ -129,11 +129,13 @@ def test_alignment_loss_reference_and_exact_copy():
     cfg = tiny_config()
     teacher = CausalLM(cfg, rngs=nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in random_batch(2, 12, cfg.vocab_size).items()}
-    # A copy of the teacher is aligned exactly: loss 0 and finite (zero) gradients.
+    # A copy of the teacher is aligned (up to rounding), with finite gradients; the norm's
+    # gradient at an exact zero difference is 0, not NaN.
     copy = CausalLM(cfg, rngs=nnx.Rngs(0))
     loss, grads = nnx.jit(nnx.value_and_grad(lambda m: losses.layer_alignment_loss(m, teacher, batch)[0]))(copy)
-    assert float(loss) == 0.0
-    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+    assert float(loss) < 1e-6
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    np.testing.assert_array_equal(jax.grad(lambda x: losses.safe_norm(x).sum())(jnp.zeros((2, 3))), 0.0)
     # Against a direct computation for a different student.
     student = CausalLM(cfg, rngs=nnx.Rngs(1))
     loss, m = nnx.jit(losses.layer_alignment_loss)(student, teacher, batch)
@@ -290,8 +292,8 @@ def test_two_processes_run_a_sharded_step_together(tmp_path, single_device_refer
 # ------------------------------------------------------------ memory
 def test_stage2_step_memory_grows_without_vocab_logits():
     """The compiled KL step's temporaries stay far below one f32 [B, T, V] logits array."""
-    vocab = 16384
-    cfg = tiny_config(vocab=vocab, layers=1).replace(num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vocab = 65536
+    cfg = tiny_config(vocab=vocab, layers=1).replace(num_attention_heads=1, num_key_value_heads=1, head_dim=32)
     teacher, student = CausalLM(cfg, rngs=nnx.Rngs(0)), CausalLM(cfg, rngs=nnx.Rngs(1))
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt = distill_config().get_config().optimizer
@@ -299,19 +301,21 @@ def test_stage2_step_memory_grows_without_vocab_logits():
     sg, params, rest = train.split_student(student)
     temps = {}
     b = 1
-    for t in (512, 1024, 2048):
-        stage = train.Stage("kl", "kl", t, 10, b, 1e-4, 1, kl_chunk=128, remat="full")
+    lengths = (512, 1024, 2048)
+    for t in lengths:
+        stage = train.Stage("kl", "kl", t, 10, b, 1e-4, 1, kl_chunk=64, remat="full")
         fn = train.build_step(stage, sg, tg, params, rest, ts, mesh, opt)
         opt_state = jax.eval_shape(fn.tx.init, params)
         batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32)
                  for k in ("input_ids", "positions", "segment_ids", "loss_mask")}
         mem = fn.step.lower(params, opt_state, rest, ts, batch).compile().memory_analysis()
         temps[t] = mem.temp_size_in_bytes
-    logits_bytes = b * 2048 * vocab * 4
-    # Chunked, rematerialised KL: a [B, 128, V] chunk at a time (fwd + bwd), not [B, T, V].
+    logits_bytes = b * lengths[-1] * vocab * 4
+    # Chunked, rematerialised KL: a [B, 64, V] chunk at a time (fwd + bwd), not [B, T, V].
+    # (The part independent of T is the V-sized embedding's gradient and AdamW update.)
     assert temps[2048] < logits_bytes / 4, (temps, logits_bytes)
-    # Growth from 1024 to 2048 tokens is far below the logits that 1024 more tokens would take.
-    assert temps[2048] - temps[1024] < b * 1024 * vocab * 4 / 4, temps
+    # Doubling T adds a tenth of what the added tokens' logits alone would take, at most.
+    assert temps[2048] - temps[1024] < b * 1024 * vocab * 4 / 10, temps
 
 
 # ----------------------------------------------------- loop, resume, e2e
@@ -352,12 +356,22 @@ def test_resume_after_kill_reproduces_losses_and_loss_falls(tmp_path, tokenizer)
     def models():
         return CausalLM(cfg_t, rngs=nnx.Rngs(0)), CausalLM(cfg_t, rngs=nnx.Rngs(1))
 
-    # Uninterrupted.
+    # Uninterrupted; KL to the teacher on fixed held-out text at init and after each stage.
+    from hylo_jax.eval import perplexity
+
+    heldout = perplexity.windows(perplexity.heldout_tokens(tokenizer, max_tokens=4 * 32), 32)
+
+    def evaluator(model, teacher, with_passkey):
+        return {} if teacher is None else {"kl": train.heldout_kl(model, teacher, heldout, 2, chunk=16)}
+
     teacher, student = models()
-    full = train.distill(_loop_config(tmp_path / "a", module), teacher=teacher, student=student, tokenizer=tokenizer)
+    full = train.distill(_loop_config(tmp_path / "a", module), teacher=teacher, student=student, tokenizer=tokenizer,
+                         evaluator=evaluator)
     want = _train_losses(tmp_path / "a")
     assert sorted(want) == list(range(1, 9))
-    assert want[3] < want[1] and want[8] < want[4]  # each stage's loss falls
+    kl = {name: res["kl"] for name, res in full["evals"].items() if res}
+    assert want[3] < want[1], want  # stage-1 alignment loss falls (same kind of batches)
+    assert kl["after_kl"] < 0.9 * kl["student_init"], kl  # held-out KL to the teacher falls
     assert os.path.exists(full["plot"])
 
     # Killed after step 7 (checkpoints at 2, 3 (end of stage 1), 4, 6): steps 7 is lost.
@@ -383,7 +397,7 @@ def test_cli_help_and_bad_override():
     env = _env()
     proc = subprocess.run([sys.executable, "-m", "hylo_jax.distill", "--help"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--config" in proc.stdout
+    assert "--config" in proc.stdout and "configs/distill.py" in proc.stdout  # absl exits 1 after --help
     proc = subprocess.run([sys.executable, "-m", "hylo_jax.distill", "--config.stages.kl.stepz=3"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "stepz" in proc.stderr

@@ -93,6 +93,8 @@ def _inputs(seed=0, batch=BATCH, t=T, d=32):
 
 # ------------------------------------------------------- float64 references
 def _t(a):
+    if isinstance(a, torch.Tensor):  # already a (possibly grad-tracking) float64 tensor
+        return a
     return torch.from_numpy(np.asarray(a, np.float64))
 
 
@@ -147,7 +149,7 @@ def mamba2_reference(p, cfg: Mamba2Config, x, segment_ids=None, conv=None, ssm=N
         yg = y.view(b, g_, d_inner // g_)
         yg = yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
         ys.append(_linear(p["out_proj"], yg.reshape(b, d_inner) * _t(p["norm"]["weight"])))
-    return torch.stack(ys, 1).numpy(), conv.numpy(), ssm.numpy()
+    return torch.stack(ys, 1), conv, ssm
 
 
 def gdn_reference(p, cfg: GDNConfig, x, segment_ids=None, conv=None, state=None):
@@ -158,7 +160,7 @@ def gdn_reference(p, cfg: GDNConfig, x, segment_ids=None, conv=None, state=None)
     conv_dim = h_ * (2 * dk + dv)
     conv = torch.zeros(b, cfg.conv_kernel - 1, conv_dim, dtype=torch.float64) if conv is None else _t(conv)
     state = torch.zeros(b, h_, dk, dv, dtype=torch.float64) if state is None else _t(state)
-    kernel = np.concatenate([p[f"{n}_conv1d"]["kernel"] for n in "qkv"], axis=-1)
+    kernel = torch.cat([_t(p[f"{n}_conv1d"]["kernel"]) for n in "qkv"], dim=-1)
     eye = torch.eye(dk, dtype=torch.float64)
     ys = []
     for step in range(t):
@@ -183,20 +185,21 @@ def gdn_reference(p, cfg: GDNConfig, x, segment_ids=None, conv=None, state=None)
         gate = _linear(p["g_proj"], u).view(b, h_, dv)
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * _t(p["o_norm"]["weight"]) * F.silu(gate)
         ys.append(_linear(p["o_proj"], o.reshape(b, h_ * dv)))
-    return torch.stack(ys, 1).numpy(), conv.numpy(), state.numpy()
-
-
-def _reference(kind, block, x, segment_ids=None, cache=None):
-    p = _params(block)
-    if kind == "mamba2":
-        states = None if cache is None else (cache.conv, cache.ssm)
-        return mamba2_reference(p, block.cfg, x, segment_ids, *(states or ()))
-    states = None if cache is None else (cache.conv, cache.state)
-    return gdn_reference(p, block.cfg, x, segment_ids, *(states or ()))
+    return torch.stack(ys, 1), conv, state
 
 
 def _state(kind, cache):
     return cache.ssm if kind == "mamba2" else cache.state
+
+
+def _reference(kind, block, x, segment_ids=None, cache=None, params=None):
+    """(y, conv state, recurrent state) of the float64 reference as numpy arrays
+    (as torch tensors when `params` holds grad-tracking tensors)."""
+    p = _params(block) if params is None else params
+    fn = mamba2_reference if kind == "mamba2" else gdn_reference
+    states = () if cache is None else (cache.conv, _state(kind, cache))
+    out = fn(p, block.cfg, x, segment_ids, *states)
+    return out if params is not None else tuple(o.numpy() for o in out)
 
 
 KINDS = ["mamba2", "gdn"]
@@ -332,6 +335,47 @@ def test_mamba2_matches_transformers_mixer():
         y_hf = mixer(torch.from_numpy(np.array(x))).numpy()
     y, _ = _run(block, x)
     assert rel_rms(y, y_hf) < TOL
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_match_float64_reference(kind):
+    """d(sum(y * w))/d(every parameter and the input) against torch autograd through
+    the per-step reference."""
+    block = _block(kind, True)
+    x = _inputs(seed=16, t=21)
+    w = np.random.default_rng(17).standard_normal(x.shape)
+
+    loss = lambda blk, x: jnp.sum(blk(x, None)[0] * w)
+    grads, grad_x = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(block, x)
+    ref_params = jax.tree.map(lambda a: _t(a).clone().requires_grad_(True), _params(block))
+    ref_x = _t(x).clone().requires_grad_(True)
+    y_ref, _, _ = _reference(kind, block, ref_x, params=ref_params)
+    (y_ref * _t(w)).sum().backward()
+    assert rel_rms(grad_x, ref_x.grad.numpy()) < TOL
+    flat_ref = {mapping.path_str(k): v.grad.numpy() for k, v in nnx.to_flat_state(nnx.State(ref_params))}
+    flat = {mapping.path_str(k): g for k, g in nnx.to_flat_state(grads)}
+    assert set(flat) == set(flat_ref)
+    for name, g in flat.items():
+        assert rel_rms(g, flat_ref[name]) < TOL, name
+
+
+def test_bfloat16_blocks_track_float32():
+    """bf16 compute (f32 accumulation, f32 recurrent state): full forward and prefill +
+    decode stay within a few bf16 roundings (eps 2^-8) of float32."""
+    for kind, cls in (("mamba2", Mamba2), ("gdn", GatedDeltaNet)):
+        f32 = _block(kind)
+        b16 = cls(_config(), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+        state = nnx.state(b16, nnx.Param)
+        nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(f32, nnx.Param)))
+        nnx.update(b16, state)
+        x = _inputs(seed=18)
+        y32, _ = _run(f32, x)
+        y16, _ = _run(b16, x.astype(jnp.bfloat16))
+        assert y16.dtype == jnp.bfloat16 and rel_rms(y16, y32) < 2e-2
+        y, cache = _run(b16, x[:, :36].astype(jnp.bfloat16), None, b16.init_cache(BATCH, 64))
+        y1, cache = _run(b16, x[:, 36:].astype(jnp.bfloat16), None, cache)
+        assert rel_rms(jnp.concatenate([y, y1], axis=1), y32) < 2e-2
+        assert cache.conv.dtype == jnp.bfloat16 and _state(kind, cache).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "qkv_o_bias"])

@@ -124,9 +124,6 @@ def test_layer_presets_and_checks():
 
 def test_layer_sensitivity(teacher):
     x = np.asarray(ids(2, 12))
-    exact = layer_selection.layer_sensitivity(
-        teacher, teacher.config.replace(layer_types=("mla",) * L, mla=EXACT_MLA), x, "mla")
-    assert np.max(np.abs(exact["rise"])) < 1e-4  # lossless conversion: no loss rise
     low = layer_selection.layer_sensitivity(teacher, teacher.config.replace(layer_types=("mla",) * L, mla=LOW_MLA), x, "mla")
     # Converting layer i alone, run through the full student, gives the same loss.
     i = int(np.argmax(low["rise"]))
@@ -181,7 +178,7 @@ def student_settings(**overrides):
 ])
 def test_bad_student_settings_fail_before_work(teacher, overrides, match):
     with pytest.raises(ValueError, match=match):
-        upcycle.student_config_from_settings(teacher.config, student_settings(mixer="attention", **overrides))
+        upcycle.student_config_from_settings(teacher.config, student_settings(**{"mixer": "attention", **overrides}))
 
 
 def test_student_must_match_teacher(teacher):

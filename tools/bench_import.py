@@ -77,6 +77,14 @@ def dir_bytes(directory: str) -> int:
     )
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", help="target dtype of the imported parameters")
@@ -107,7 +115,7 @@ def main() -> None:
         f"{result['wall_s']:.1f} s | {peak / gib:.2f} GiB | {peak / disk:.2f} | {base / gib:.2f} GiB |"
     )
     print(
-        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"host: {cpu_name()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}",
         file=sys.stderr,
     )

@@ -182,6 +182,32 @@ def check_ours(h=4, dk=64, dv=64, t=1000):
     return errs
 
 
+def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
+    """Sweep the Triton launch parameters of our GPU kernels; keep the fastest fwd+bwd."""
+    from pallas_kernels.gated_delta_rule import gpu
+
+    q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
+    timings = []
+    for block_v in (32, 64):
+        for num_stages in (1, 2):
+            for num_warps in (4, 8):
+                gpu.BLOCKS.update(block_v=block_v, num_stages=num_stages, num_warps=num_warps)
+                fwd, fwd_bwd = _jax_fns("pallas", chunk)
+                try:
+                    tf = median_time(fwd, q, k, v, g, beta)
+                    tfb = median_time(fwd_bwd, q, k, v, g, beta, do)
+                except Exception as e:  # noqa: BLE001
+                    print(f"tune {gpu.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                timings.append((tfb, tf, dict(gpu.BLOCKS)))
+                print(f"tune B={b} T={t} {gpu.BLOCKS}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
+    best = min(timings, key=lambda x: x[0])[2]
+    gpu.BLOCKS.update(best)
+    report["gpu_blocks"] = best
+    report["tuning"] = [dict(cfg, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3) for tfb, tf, cfg in timings]
+    print(f"tuned GPU blocks: {best}", flush=True)
+
+
 def bench_gdn(args, peaks, results, report):
     chunk = 64
     h, dk, dv = args.heads, args.dk, args.dv
@@ -189,6 +215,8 @@ def bench_gdn(args, peaks, results, report):
     report["gdn_ours_check"] = check_ours()
     if fla_fn is not None:
         report["gdn_fla_check"] = check_fla_gradients(fla_fn)
+    if args.tune and "pallas" in args.impls:
+        tune_gdn_gpu(args, chunk, report)
     start = time.perf_counter()
     fns = {impl: _jax_fns(impl, chunk) for impl in args.impls}
     for b in args.batch:
@@ -213,6 +241,14 @@ def bench_gdn(args, peaks, results, report):
                         print(f"pallas B={b} T={t} bf16: o, final state and all grads finite = {finite}", flush=True)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next config
                     print(f"{impl} B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            if "pallas" in fns:
+                # The chunk-local preparation alone (plain XLA in both our forms), to show where time goes.
+                from pallas_kernels.gated_delta_rule.xla import prepare
+
+                prep = jax.jit(lambda *a: prepare(*a, scale=dk**-0.5, segment_ids=None, chunk_size=chunk))
+                prep_flops = 2 * b * t * h * (2 * chunk * dk + chunk * (dk + dv) // 2)
+                prep_bytes = b * t * h * 2 * (2 * dk + dv + 2 + 3 * dk + dv + chunk)
+                row(results, peaks, "prepare", "fwd", b, t, median_time(prep, q, k, v, g, beta), prep_flops, prep_bytes)
             if fla_fn is not None:
                 import torch
                 import triton
@@ -336,7 +372,6 @@ def bench_ssd(args, peaks, results, report):
     chunk = 64
     h, p, n, g = args.heads, args.dv, args.dk, SSD_GROUPS
     torch_fns = {} if args.no_fla else _ssd_torch_fns(chunk)
-    report["ssd_check"] = check_ssd(torch_fns)
     start = time.perf_counter()
     fns = {impl: _ssd_jax_fns(impl, chunk) for impl in args.impls}
     for b in args.batch:
@@ -350,6 +385,9 @@ def bench_ssd(args, peaks, results, report):
             by_f, by_fb = ssd_bytes(b, t, h, p, n, g), ssd_bytes(b, t, h, p, n, g, backward=True)
             for impl, (fwd, fwd_bwd) in fns.items():
                 try:
+                    t0 = time.perf_counter()
+                    fwd, fwd_bwd = fwd.lower(x, dt, A, B, C).compile(), fwd_bwd.lower(x, dt, A, B, C, dy).compile()
+                    print(f"{impl} B={b} T={t}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
                     row(results, peaks, impl, "fwd", b, t, median_time(fwd, x, dt, A, B, C), fl, by_f)
                     row(results, peaks, impl, "fwd+bwd", b, t, median_time(fwd_bwd, x, dt, A, B, C, dy),
                         3 * fl, by_fb)
@@ -379,6 +417,7 @@ def bench_ssd(args, peaks, results, report):
                 del tx, tdy
                 torch.cuda.empty_cache()
             del x, dt, A, B, C, dy
+    report["ssd_check"] = check_ssd(torch_fns)
 
 
 SECTIONS = {"gdn": bench_gdn, "ssd": bench_ssd}
@@ -395,6 +434,7 @@ def main():
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--impls", nargs="+", default=["pallas", "xla"])
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--tune", action="store_true", help="sweep our GPU kernel's launch parameters first")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds; later configs are skipped")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -13,4 +13,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, triton, torch; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__, 'torch', torch.__version__)"
 timeout ${TEST_TIMEOUT:-200} python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gdn_pytest.log" | tail -25
 timeout ${BENCH_TIMEOUT:-330} python3 tools/bench_kernels.py --op gdn --json "$OUT/gdn_bench.json" \
-  --time-budget ${BENCH_BUDGET:-200} "$@" 2>&1 | tee "$OUT/gdn_bench.log"
+  --time-budget ${BENCH_BUDGET:-200} --tune "$@" 2>&1 | tee "$OUT/gdn_bench.log"

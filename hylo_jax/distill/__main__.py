@@ -72,7 +72,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value>")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("hylo_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     try:
         summary = run(_CONFIG.value)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

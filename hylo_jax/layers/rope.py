@@ -26,11 +26,14 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _as_dict(scaling: Any) -> dict | None:
-    if scaling is None:
-        return None
-    if isinstance(scaling, Mapping):
-        return dict(scaling)
-    return dict(scaling)  # frozen tuple of (key, value) items from hylo_jax.config
+    """A dict, or the frozen tuple of (key, value) items that hylo_jax.config stores."""
+    return None if scaling is None else dict(scaling)
+
+
+def _required(scaling: dict, key: str, rope_type: str):
+    if scaling.get(key) is None:
+        raise ValueError(f"rope_scaling of type {rope_type!r} needs {key!r}; got {scaling}")
+    return scaling[key]
 
 
 def _rope_type(scaling: dict | None) -> str:
@@ -63,7 +66,7 @@ def _compute_inv_freq(head_dim, theta, frozen_scaling, max_position_embeddings):
     dim = head_dim
     if "partial_rotary_factor" in scaling and scaling["partial_rotary_factor"] != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported (Llama/Qwen do not use it)")
-    # float32 exponents as in transformers, so the frequencies agree bit for bit.
+    # float32 throughout, as transformers computes them (they agree to about one ulp).
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     pos_freqs = np.float32(theta) ** exponents
     inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
@@ -72,11 +75,11 @@ def _compute_inv_freq(head_dim, theta, frozen_scaling, max_position_embeddings):
     if rope_type == "default":
         pass
     elif rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
+        inv_freq = inv_freq / np.float32(_required(scaling, "factor", rope_type))
     elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low_freq_factor = scaling["low_freq_factor"]
-        high_freq_factor = scaling["high_freq_factor"]
+        factor = _required(scaling, "factor", rope_type)
+        low_freq_factor = _required(scaling, "low_freq_factor", rope_type)
+        high_freq_factor = _required(scaling, "high_freq_factor", rope_type)
         old_context_len = scaling.get("original_max_position_embeddings", max_position_embeddings)
         low_freq_wavelen = old_context_len / low_freq_factor
         high_freq_wavelen = old_context_len / high_freq_factor

@@ -24,6 +24,12 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step
 
 
+# Launch parameters. A V block of 32 gives B*H*V/32 programs (enough to fill an H100
+# at batch 1 with 32 heads of 64); two stages let Triton prefetch the next chunk's
+# tiles while the current chunk's dots run. tools/bench_kernels.py --tune sweeps these.
+BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
+
+
 def _check_shapes(c, dk, block_v, interpret):
     if interpret:
         return
@@ -33,7 +39,7 @@ def _check_shapes(c, dk, block_v, interpret):
 
 
 def _block_v(dv, block_v):
-    bv = min(block_v, dv)
+    bv = min(block_v or BLOCKS["block_v"], dv)
     if dv % bv:
         raise ValueError(f"V={dv} is not a multiple of the V block {bv}")
     return bv
@@ -58,7 +64,7 @@ def _fwd_kernel(w_ref, u_ref, qg_ref, aqk_ref, kg_ref, decay_ref, h0_ref, o_ref,
 
 
 def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False,
-                   block_v=64, num_warps=4, num_stages=1):
+                   block_v=None, num_warps=None, num_stages=None):
     """Run the state recurrence over all chunks.
 
     w, qg, kg: [BH, Tp, K]; u: [BH, Tp, V]; aqk: [BH, Tp, C]; decay: [BH, N] float32;
@@ -92,7 +98,9 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
         in_specs=[row(dk), col, row(dk), row(c), row(dk), pl.BlockSpec((None, n), lambda i, j: (i, 0)), state],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps or BLOCKS["num_warps"], num_stages=num_stages or BLOCKS["num_stages"]
+        ),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="gdn_chunk_fwd",
@@ -115,8 +123,8 @@ def _bwd_kernel(w_ref, qg_ref, aqk_ref, kg_ref, decay_ref, do_ref, dht_ref, dh_r
     dh0_ref[...] = ds.astype(dh0_ref.dtype)
 
 
-def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=64, num_warps=4,
-                   num_stages=1):
+def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=None, num_warps=None,
+                   num_stages=None):
     """Walk the chunks backwards carrying dL/dS.
 
     Returns dL/d(state leaving each chunk) [BH, N, K, V] (w's dtype), dL/dv_new
@@ -145,7 +153,9 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
             jax.ShapeDtypeStruct((bh, tp, dv_dim), jnp.float32),
             jax.ShapeDtypeStruct((bh, dk, dv_dim), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps or BLOCKS["num_warps"], num_stages=num_stages or BLOCKS["num_stages"]
+        ),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="gdn_chunk_bwd",

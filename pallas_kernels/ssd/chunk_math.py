@@ -13,14 +13,22 @@ import jax
 import jax.numpy as jnp
 
 
+def _precision(a):
+    # float32 operands get true float32 products (not TF32): the backward's decay gradient
+    # is a difference of sums that only cancels correctly if both passes round alike.
+    return jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+
+
 def _dot_nt(a, b):
     """a [M, K] @ b[N, K]^T -> [M, N] in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
+                               preferred_element_type=jnp.float32)
 
 
 def _dot_tn(a, b):
     """a [K, M]^T @ b [K, N] -> [M, N] in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(a),
+                               preferred_element_type=jnp.float32)
 
 
 def chunk_step(q, k, v, a_row, state, s_row=None, sp_row=None):
@@ -49,12 +57,13 @@ def chunk_step(q, k, v, a_row, state, s_row=None, sp_row=None):
         stay = (s_last == s_in).astype(jnp.float32)
     decay = jnp.exp(jnp.where(mask, cs_col - cs_row, -jnp.inf))  # [L, L]
     scores = _dot_nt(q, k) * decay
-    o = jnp.dot(scores.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.dot(scores.astype(v.dtype), v, precision=_precision(v), preferred_element_type=jnp.float32)
     q_in = jnp.exp(cs_col)
     w = jnp.exp(total - cs_col)
     carry = jnp.exp(total)
     if s_row is not None:
         q_in, w, carry = q_in * in_col, w * out_col, carry * stay
     o = o + _dot_nt(q.astype(jnp.float32), state) * q_in
-    state = carry * state + _dot_tn((v.astype(jnp.float32) * w).astype(k.dtype), k)
+    # The state path stays in float32 whatever the input dtype (see _precision).
+    state = carry * state + _dot_tn(v.astype(jnp.float32) * w, k.astype(jnp.float32))
     return o, state

@@ -66,13 +66,20 @@ def _core_call(v, a, k, q, h0, seg, *, chunk_size, platform, interpret):
     return o[:, :t, :, :p], hT[:, :, :p, :n]
 
 
-def _core_call_reversed(v, a, k, q, h0, seg, **kw):
-    """The core run from the last token to the first (anti-causal), outputs in time order."""
-    flip = lambda z: jnp.flip(z, axis=1)
-    a_rev = flip(jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1))
-    seg_rev = None if seg is None else segment_index(flip(seg))
-    o, hT = _core_call(flip(v), a_rev, flip(k), flip(q), h0, seg_rev, **kw)
-    return flip(o), hT
+def _core_call_reversed(v, a, k, q, h0, seg, *, chunk_size, **kw):
+    """The core run from the last token to the first (anti-causal), outputs in time order.
+
+    Time is padded to whole chunks before the flip, so the backward chunks are exactly
+    the forward chunks: every (output, source) pair then takes the same path (inside a
+    chunk, or through the state) in both directions and is rounded alike, which the
+    decay gradient's difference of sums relies on in bf16.
+    """
+    t = a.shape[1]
+    flip = lambda z: jnp.flip(pad_time(z, chunk_size), axis=1)
+    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)  # decay s -> s+1
+    seg_rev = None if seg is None else segment_index(jnp.flip(pad_segments(seg, chunk_size), axis=1))
+    o, hT = _core_call(flip(v), flip(a_next), flip(k), flip(q), h0, seg_rev, chunk_size=chunk_size, **kw)
+    return jnp.flip(o, axis=1)[:, :t], hT
 
 
 def _sum_groups(z, groups):
@@ -107,7 +114,8 @@ def _core_bwd(chunk_size, platform, interpret, res, cts):
     dq_h, _ = _core_call(k, a, v, do_c, jnp.swapaxes(h0, 2, 3), seg, **kw)
     dk_h, _ = _core_call_reversed(q, a, do_c, v, jnp.swapaxes(dhT, 2, 3), seg, **kw)
     v_h = _repeat_groups(v, h).astype(jnp.float32)
-    per_token = jnp.sum(do * o, axis=-1) - jnp.sum(dv_h * v_h, axis=-1)  # [B, T, H]
+    # do as rounded for the kernels, so that both sums see the same pairs.
+    per_token = jnp.sum(do_c.astype(jnp.float32) * o, axis=-1) - jnp.sum(dv_h * v_h, axis=-1)
     da = jax.lax.cumsum(per_token, axis=1, reverse=True) + jnp.sum(dhT * hT, axis=(2, 3))[:, None]
     dv = _sum_groups(dv_h, v.shape[2]).astype(v.dtype)
     dk = _sum_groups(dk_h, k.shape[2]).astype(k.dtype)
