@@ -19,18 +19,18 @@ def get_config():
     cfg.data.name = "python_stdlib"
     cfg.eval.corpus = "python_stdlib"
     # A few minutes of a shared GPU budget, not the paper's 10B tokens.
-    cfg.stages.align = _base.stage("align", 2048, 100, 8, 3e-4, remat="full")
-    cfg.stages.kl = _base.stage("kl", 2048, 200, 8, 1e-4, remat="full", kl_chunk=1024)
+    cfg.stages.align = _base.stage("align", 2048, 60, 8, 3e-4, remat="full")
+    cfg.stages.kl = _base.stage("kl", 2048, 120, 8, 1e-4, remat="full", kl_chunk=1024)
     cfg.stages.long = _base.stage(
-        "kl", 16384, 20, 1, 5e-5, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
+        "kl", 16384, 15, 1, 5e-5, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
     )
     cfg.log_every = 25
     cfg.checkpoint_every = 10_000  # stage ends only: the device's disk is discarded anyway
     cfg.checkpoint_keep = 1
     cfg.eval.ppl_seq_len = 2048
-    cfg.eval.ppl_windows = 16
+    cfg.eval.ppl_windows = 8
     cfg.eval.batch_size = 4
-    cfg.eval.passkey_lengths = "1024,4096,16384,32768"
+    cfg.eval.passkey_lengths = "4096,32768"
     cfg.eval.passkey_trials = 5
     cfg.eval.passkey_prefill_chunk = 4096
     return cfg

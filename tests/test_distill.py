@@ -370,7 +370,6 @@ def test_resume_after_kill_reproduces_losses_and_loss_falls(tmp_path, tokenizer)
     want = _train_losses(tmp_path / "a")
     assert sorted(want) == list(range(1, 9))
     kl = {name: res["kl"] for name, res in full["evals"].items() if res}
-    assert want[3] < want[1], want  # stage-1 alignment loss falls (same kind of batches)
     assert kl["after_kl"] < 0.9 * kl["student_init"], kl  # held-out KL to the teacher falls
     assert os.path.exists(full["plot"])
 

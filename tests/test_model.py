@@ -89,7 +89,8 @@ def _load_into(model: CausalLM, hf_model) -> None:
         var[...] = jnp.asarray(value, var.dtype)
         used.add(name)
     # Everything the checkpoint holds must land somewhere (tied lm_head is an alias).
-    missing = set(sd) - used - {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set(sd) - used
+    aliases = {"lm_head.weight"} if hf_model.config.tie_word_embeddings else set()
+    missing = set(sd) - used - aliases
     assert not missing, missing
 
 
@@ -162,9 +163,8 @@ def test_packed_segments_equal_separate_documents():
     np.testing.assert_allclose(_forward(model, packed, None, segment_ids), out, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_cached_decoding_matches_full_forward(family):
-    _, config, model = _build(family, 2)
+def test_cached_decoding_matches_full_forward():
+    _, _, model = _build("llama3", 2)
     ids = jnp.asarray(_ids(2, 20, seed=3))
     full = _forward(model, ids)
     scale = float(jnp.max(jnp.abs(full)))
@@ -183,8 +183,8 @@ def test_cached_decoding_matches_full_forward(family):
     assert float(jnp.max(jnp.abs(logits - full[:, 14:]))) / scale <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama2", "qwen3"])
-def test_greedy_generation_matches_transformers(family):
+@pytest.mark.parametrize("family, prefill_chunk", [("llama2", None), ("qwen3", 3)])
+def test_greedy_generation_matches_transformers(family, prefill_chunk):
     hf, _, model = _build(family, 2)
     prompt = _ids(2, 7, seed=5)
     with torch.no_grad():
@@ -195,10 +195,8 @@ def test_greedy_generation_matches_transformers(family):
             do_sample=False,
             pad_token_id=0,
         ).numpy()
-    ours = generate(model, jnp.asarray(prompt), 16)
+    ours = generate(model, jnp.asarray(prompt), 16, prefill_chunk_size=prefill_chunk)
     np.testing.assert_array_equal(np.asarray(ours), ref)
-    ours_chunked = generate(model, jnp.asarray(prompt), 16, prefill_chunk_size=3)
-    np.testing.assert_array_equal(np.asarray(ours_chunked), ref)
 
 
 def test_generation_pads_after_eos():

@@ -33,7 +33,7 @@ import numpy as np
 from hylo_jax.config import MLAConfig, ModelConfig
 from hylo_jax.layers.rope import rope_pair_dims
 
-ROPE_PAIR_CRITERIA = ("k_energy", "lowest")
+ROPE_PAIR_CRITERIA = ("lowest", "k_energy")
 
 
 def _head_rows(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
@@ -69,12 +69,18 @@ def rope_pair_energy(k_kernels: Sequence[np.ndarray], config: ModelConfig) -> np
 
 
 def choose_rope_pairs(
-    k_kernels: Sequence[np.ndarray], config: ModelConfig, n_pairs: int, criterion: str = "k_energy"
+    k_kernels: Sequence[np.ndarray], config: ModelConfig, n_pairs: int, criterion: str = "lowest"
 ) -> tuple[int, ...]:
     """The `n_pairs` rotary pairs to keep in MLA's RoPE key, sorted.
 
-    "k_energy": the pairs that carry the most teacher key energy (rope_pair_energy);
-    "lowest": pairs 0..n_pairs-1 (the highest frequencies).
+    "lowest": pairs 0..n_pairs-1 (the highest frequencies);
+    "k_energy": the pairs that carry the most teacher key energy (rope_pair_energy).
+
+    Measured on SmolLM2-135M (8 MLA layers of 30, kv_lora_rank 96, 16 of 32 pairs, other
+    layers kept as attention; held-out pydoc_topics perplexity, teacher 12.92):
+    "lowest" 52.2, "k_energy" 114.9. The key energy sits in the low-frequency pairs,
+    which barely rotate over a few thousand positions and so lose little as nope dims;
+    the high-frequency pairs carry the positional signal. Hence "lowest" is the default.
     """
     half = config.head_dim // 2
     if not 0 < n_pairs <= half:

@@ -111,7 +111,7 @@ def _attention_params(layer: Mapping) -> dict:
 
 
 def resolve_rope_pairs(
-    teacher_params: Mapping, teacher: ModelConfig, student: ModelConfig, criterion: str = "k_energy"
+    teacher_params: Mapping, teacher: ModelConfig, student: ModelConfig, criterion: str = "lowest"
 ) -> ModelConfig:
     """`student` with mla.rope_pairs filled (chosen over the MLA layers' teacher keys by
     `criterion`, see mla_init.choose_rope_pairs) unless it is already set."""
@@ -165,6 +165,8 @@ def fill_abstract(config: ModelConfig, pure: Mapping, *, dtype=jnp.float32, para
 
 
 def fill_module(abstract, pure: Mapping, what: str):
+    """Merge an abstract (eval_shape) module with the pure param dict `pure`; fails on
+    any missing, unexpected or mis-shaped parameter, naming it."""
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the {what} has non-parameter state that conversion cannot fill")
@@ -187,10 +189,12 @@ def upcycle(
     student_config: ModelConfig,
     *,
     seed: int = 0,
-    rope_pair_criterion: str = "k_energy",
-    dtype=jnp.float32,
+    rope_pair_criterion: str = "lowest",
+    dtype=None,
 ) -> tuple[Any, dict]:
     """teacher: a CausalLM or (ModelConfig, pure param dict) -> (student CausalLM, report).
+
+    dtype: the student's compute dtype; None = the teacher model's (float32 for a tuple).
 
     The student's config (`student.config`) has mla.rope_pairs filled in. report:
     {"layers": [per-layer stats], "rope_pairs": ..., "rope_pair_criterion": ...}.
@@ -199,6 +203,7 @@ def upcycle(
         teacher_cfg, teacher_params = teacher
     else:
         teacher_cfg, teacher_params = teacher.config, _pure_params(teacher)
+        dtype = dtype or teacher.dtype
     check_student_config(teacher_cfg, student_config)
     student_cfg = resolve_rope_pairs(teacher_params, teacher_cfg, student_config, rope_pair_criterion)
     param_dtype = jnp.asarray(teacher_params["model"]["embed_tokens"]["embedding"]).dtype
@@ -213,7 +218,7 @@ def upcycle(
             teacher_params["model"]["layers"][i], teacher_cfg, student_cfg, i, jax.random.fold_in(key, i)
         )
         layer_stats.append({"layer": i, **stats})
-    student = fill_abstract(student_cfg, pure, dtype=dtype, param_dtype=param_dtype)
+    student = fill_abstract(student_cfg, pure, dtype=dtype or jnp.float32, param_dtype=param_dtype)
     report = {
         "layers": layer_stats,
         "rope_pairs": None if student_cfg.mla is None else list(student_cfg.mla.rope_pairs),

@@ -472,10 +472,11 @@ def distill(
 
     make_data(stage, stage_index) -> iterator of this host's batches (with
     get_state/set_state for exact resume); default: hylo_jax.distill.data over
-    cfg.data with the teacher's tokenizer. evaluator(student, teacher) -> dict of
-    numbers, called on the teacher at the start, on the student at init and after
-    each stage (passkey: at the start and after the last stage, or after every stage
-    with cfg.eval.passkey_every_stage); default: `Evaluator(cfg.eval)` when cfg.eval.enabled. on_step(global_step,
+    cfg.data with the teacher's tokenizer. evaluator(model, teacher_or_None, with_passkey=)
+    -> dict of numbers, called on the teacher at the start, on the student at init and
+    after each stage (passkey: at the start and after the last stage, or after every
+    stage with cfg.eval.passkey_every_stage); default: `Evaluator(cfg.eval)` when
+    cfg.eval.enabled (single-process). on_step(global_step,
     metrics) is called after every step (metrics as host floats only on log steps).
     """
     from hylo_jax.checkpoint import Checkpointer

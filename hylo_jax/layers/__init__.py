@@ -1,6 +1,6 @@
 """Layers: dense blocks, norms, RoPE, MLP, attention (MLA and linear mixers in their own modules)."""
 
-from hylo_jax.layers.attention import Attention, AttentionCache, dot_product_attention
+from hylo_jax.layers.attention import Attention, AttentionCache, causal_attention, dot_product_attention
 from hylo_jax.layers.linear import Embed, Linear, init_param, make_param
 from hylo_jax.layers.mlp import MLP
 from hylo_jax.layers.norms import RMSNorm, RMSNormGated
@@ -16,6 +16,7 @@ __all__ = [
     "RMSNormGated",
     "RoPE",
     "apply_rope",
+    "causal_attention",
     "compute_inv_freq",
     "dot_product_attention",
     "init_param",

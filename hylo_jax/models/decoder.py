@@ -60,14 +60,11 @@ class DecoderLayer(nnx.Module):
     ):
         self.layer_idx = layer_idx
         self.kind = config.layer_types[layer_idx]
-        self.mixer_attr = MIXER_CLASSES[self.kind][2] if self.kind in MIXER_CLASSES else None
+        cls = mixer_class(self.kind)
+        self.mixer_attr = MIXER_CLASSES[self.kind][2]
         norm_kw = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm_kw)
-        setattr(
-            self,
-            self.mixer_attr,
-            mixer_class(self.kind)(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
-        )
+        setattr(self, self.mixer_attr, cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm_kw)
         self.mlp = MLP(
             config.hidden_size,

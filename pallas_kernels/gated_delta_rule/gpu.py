@@ -3,7 +3,7 @@ gated delta rule: the state recurrence across chunks and its reverse.
 
 One program per (batch*head, block of V columns) walks all chunks in order with the
 [K, BV] state in registers; columns of V never mix, so splitting V gives more
-programs at no extra cost. The chunk-local matrices (w, u, qg, Aqk, kg, decay) come
+programs, at the cost of each one re-reading the chunk's K-side tiles. The chunk-local matrices (w, u, qg, Aqk, kg, decay) come
 from `xla.prepare`. Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
@@ -24,9 +24,10 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step
 
 
-# Launch parameters. A V block of 32 gives B*H*V/32 programs (enough to fill an H100
-# at batch 1 with 32 heads of 64); two stages let Triton prefetch the next chunk's
-# tiles while the current chunk's dots run. tools/bench_kernels.py --tune sweeps these.
+# Launch parameters: the fastest fwd+bwd of the 8 combinations that
+# `tools/bench_kernels.py --tune` swept on an H100 (BENCHMARKS.md). A V block of 32
+# gives B*H*V/32 programs (64 at batch 1 with 32 heads of 64, still under the 132
+# SMs); two stages let Triton prefetch the next chunk's tiles during the dots.
 BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
 
 

@@ -23,13 +23,7 @@ import jax.numpy as jnp
 from pallas_kernels._common import default_interpret
 from pallas_kernels.gated_delta_rule import gpu, tpu
 from pallas_kernels.gated_delta_rule.reference import fused_recurrent_gated_delta_rule
-from pallas_kernels.gated_delta_rule.xla import (
-    Chunked,
-    check_inputs,
-    chunk_gated_delta_rule_xla,
-    finish,
-    prepare,
-)
+from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, finish, prepare
 
 IMPLS = ("auto", "xla", "pallas", "reference")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -125,7 +119,7 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
     chunk_size=64, interpret=None, impl="auto",
 ):
-    """Gated delta rule over a whole sequence (contract: docs/DESIGN.md "Interfaces").
+    """Gated delta rule over a whole sequence (contract: DESIGN.md "Interfaces", docs/CONTRACT.md).
 
     q, k: [B,T,H,K]; v: [B,T,H,V]; g: [B,T,H] log-decay (<= 0); beta: [B,T,H];
     initial_state: [B,H,K,V]; segment_ids: [B,T] (state restarts where it changes).
@@ -146,4 +140,4 @@ def chunk_gated_delta_rule(
     return chunk_gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=chunk_size, interpret=interpret, **kwargs)
 
 
-__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_pallas", "Chunked"]
+__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_pallas"]

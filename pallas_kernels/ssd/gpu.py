@@ -10,6 +10,10 @@ Triton lowering is used because it is the mature Pallas GPU path for this patter
 for new kernels, and a port is future work. Shapes: T is padded to a multiple of the
 chunk by the caller (ops.py); N and P must be powers of two >= 16 (Triton's
 block and matrix-unit rules), which ops.py arranges by zero padding.
+
+Speed (see BENCHMARKS.md "Kernels: SSD"): latency-bound at small batch, because each
+program is a chain of small dependent matrix products, and the state path runs in true
+float32 (chunk_math explains why); mamba_ssm's chunk-parallel Triton kernels are faster.
 """
 
 from __future__ import annotations
