@@ -4,6 +4,8 @@ output, final state and every gradient; Mosaic TPU and Triton lowering checked o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,9 @@ def _loss_and_grads(fn, x, use_h0, use_seg, **kw):
         return jnp.sum(o.astype(jnp.float32) * x["do"]) + jnp.sum(s * x["dht"]), (o, s)
 
     args = [x[n] for n in ("q", "k", "v", "g", "beta", "h0")]
-    grads, (o, s) = jax.grad(loss, argnums=tuple(range(6 if use_h0 else 5)), has_aux=True)(*args)
+    # One jit per case: compiling the whole program once is much cheaper than eager dispatch.
+    grad_fn = jax.jit(jax.grad(loss, argnums=tuple(range(6 if use_h0 else 5)), has_aux=True))
+    grads, (o, s) = grad_fn(*args)
     return o, s, grads
 
 
@@ -103,13 +107,13 @@ def test_decode_steps_continue_chunked_prefill():
     the same outputs as running the chunked op over the whole sequence."""
     x = make_inputs(1, 2, 40, 2, 8, 8)
     names = ("q", "k", "v", "g", "beta")
-    full, s_full = chunk_gated_delta_rule(*(x[n] for n in names), initial_state=x["h0"], output_final_state=True,
-                                          chunk_size=16, impl="xla")
-    _, s = chunk_gated_delta_rule(*(x[n][:, :33] for n in names), initial_state=x["h0"], output_final_state=True,
-                                  chunk_size=16, impl="xla")
+    chunked = jax.jit(functools.partial(chunk_gated_delta_rule, output_final_state=True, chunk_size=16, impl="xla"))
+    full, s_full = chunked(*(x[n] for n in names), initial_state=x["h0"])
+    _, s = chunked(*(x[n][:, :33] for n in names), initial_state=x["h0"])
+    step = jax.jit(gated_delta_rule_step)
     outs = []
     for t in range(33, 40):
-        o_t, s = gated_delta_rule_step(*(x[n][:, t] for n in names), s)
+        o_t, s = step(*(x[n][:, t] for n in names), s)
         outs.append(o_t)
     assert rel_rms(jnp.stack(outs, 1), full[:, 33:]) < 1e-5
     assert rel_rms(s, s_full) < 1e-5
@@ -122,11 +126,11 @@ def test_xla_forward(x64, t, chunk):
     x = make_inputs(t + chunk, 1, t, 2, 8, 4)
     names = ("q", "k", "v", "g", "beta")
     # Initial state and segments on here; the gradient tests below also cover them off.
-    o, s = chunk_gated_delta_rule(*(x[n] for n in names), initial_state=x["h0"], output_final_state=True,
-                                  segment_ids=x["seg"], chunk_size=chunk, impl="xla")
-    o_r, s_r = fused_recurrent_gated_delta_rule(*(x[n].astype(jnp.float64) for n in names),
-                                                initial_state=x["h0"].astype(jnp.float64), output_final_state=True,
-                                                segment_ids=x["seg"])
+    fn = jax.jit(functools.partial(chunk_gated_delta_rule, output_final_state=True, chunk_size=chunk, impl="xla"))
+    o, s = fn(*(x[n] for n in names), initial_state=x["h0"], segment_ids=x["seg"])
+    ref = jax.jit(functools.partial(fused_recurrent_gated_delta_rule, output_final_state=True))
+    o_r, s_r = ref(*(x[n].astype(jnp.float64) for n in names), initial_state=x["h0"].astype(jnp.float64),
+                   segment_ids=x["seg"])
     assert rel_rms(o, o_r) <= 5e-3 and rel_rms(s, s_r) <= 5e-3, (t, chunk)
 
 
@@ -152,8 +156,9 @@ def test_segments_do_not_leak():
     x = make_inputs(7, 1, 50, 2, 8, 4)
     names = ("q", "k", "v", "g", "beta")
     seg = jnp.concatenate([jnp.zeros((1, 21), jnp.int32), jnp.ones((1, 29), jnp.int32)], axis=1)
-    packed, _ = chunk_gated_delta_rule(*(x[n] for n in names), segment_ids=seg, chunk_size=16, impl="xla")
-    second, _ = chunk_gated_delta_rule(*(x[n][:, 21:] for n in names), chunk_size=16, impl="xla")
+    chunked = jax.jit(functools.partial(chunk_gated_delta_rule, chunk_size=16, impl="xla"))
+    packed, _ = chunked(*(x[n] for n in names), segment_ids=seg)
+    second, _ = chunked(*(x[n][:, 21:] for n in names))
     assert rel_rms(packed[:, 21:], second) < 1e-5
 
 

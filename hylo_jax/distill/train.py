@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -198,7 +197,7 @@ def build_step(stage: Stage, student_graphdef, teacher_graphdef, params, rest, t
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return params, opt_state, metrics
 
     batch_tree_sh = {k: batch_sh for k in ("input_ids", "positions", "segment_ids", "loss_mask")}
@@ -550,7 +549,6 @@ def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
         params = ckpt.restore(model=params, step=resume_step).trees["model"]
         log.info("all %d steps were already done (checkpoint %d)", total_steps, resume_step)
     t_run = time.perf_counter()
-    steps_run = 0
     stopped = False
     for si, stage in enumerate(stages):
         start_global = ends[si] - stage.steps
@@ -588,7 +586,6 @@ def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
             batch = _global_batch(local, stepfn.batch_sharding)
             params, opt_state, metrics = stepfn.step(params, opt_state, rest, teacher_state, batch)
             step += 1
-            steps_run += 1
             steps_since += 1
             global_step = start_global + step
             is_log = step % cfg.log_every == 0 or step == stage.steps or step == 1
