@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.student.layer_types = ""  # comma-separated per layer: attention|mla|mamba2|gdn (wins over mla_layers)
     # MLA layers: a preset ("hylo" = 1,5,9,... | llama32_1b | llama32_3b | qwen3_1p7b),
     # "auto" (the num_mla_layers most sensitive layers on calibration text) or "1,5,9".
-    config.student.mla_layers = "hylo"
+    # "auto" measured best on SmolLM2 (held-out ppl before training 11.5k vs 76k for "hylo").
+    config.student.mla_layers = "auto"
     config.student.num_mla_layers = 8  # "auto" only
     config.student.mixer = "gdn"  # every other layer: gdn | mamba2 | mla | attention
     # MLA sizes (qk_nope = teacher head_dim - qk_rope; v_head_dim = teacher head_dim).

@@ -158,7 +158,7 @@ def student_settings(**overrides):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     s = module.get_config().student
-    s.qk_rope_head_dim, s.kv_lora_rank = 4, 8
+    s.qk_rope_head_dim, s.kv_lora_rank, s.mla_layers = 4, 8, "hylo"
     for k, v in overrides.items():
         setattr(s, k, v)
     return s
