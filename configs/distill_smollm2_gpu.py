@@ -4,12 +4,9 @@ stage with YaRN on the MLA layers, on CPython stdlib sources (real text on the m
 Only the differences from configs/distill.py. Run by tools/distill_smollm2_gpu.sh.
 """
 
-import importlib.util
-import os
+from hylo_jax.config_files import load_module
 
-_spec = importlib.util.spec_from_file_location("distill_base", os.path.join(os.path.dirname(__file__), "distill.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+_base = load_module("distill")
 
 
 def get_config():

@@ -4,19 +4,11 @@
   python -m hylo_jax.convert --config=configs/hylo_llama32_3b.py --config.source=/path/to/Llama-3.2-3B
 """
 
-import importlib.util
-import os
-
-
-def _base():
-    spec = importlib.util.spec_from_file_location("convert_base", os.path.join(os.path.dirname(__file__), "convert.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from hylo_jax.config_files import load_config
 
 
 def get_config():
-    config = _base()
+    config = load_config("convert")
     config.source = "meta-llama/Llama-3.2-3B"
     config.output_dir = "outputs/hylo_llama32_3b"
     config.student.mla_layers = "llama32_3b"

@@ -8,19 +8,11 @@ student starts further from its teacher than a Llama one; distillation recovers 
   python -m hylo_jax.convert --config=configs/hylo_qwen3_1p7b.py --config.source=/path/to/Qwen3-1.7B
 """
 
-import importlib.util
-import os
-
-
-def _base():
-    spec = importlib.util.spec_from_file_location("convert_base", os.path.join(os.path.dirname(__file__), "convert.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from hylo_jax.config_files import load_config
 
 
 def get_config():
-    config = _base()
+    config = load_config("convert")
     config.source = "Qwen/Qwen3-1.7B"
     config.output_dir = "outputs/hylo_qwen3_1p7b"
     config.student.mla_layers = "qwen3_1p7b"

@@ -1,7 +1,7 @@
 """Device mesh, the one logical-axis rules table, and sharding of NNX model state.
 
-Layers name each parameter axis logically (``nnx.Param(..., sharding_names=("embed",
-"mlp"))``, see docs/CONTRACT.md); this module alone maps those names onto a mesh with
+Layers name each parameter axis logically (``out_sharding=("embed", "mlp")`` metadata
+from ``layers.linear.make_param``, see docs/ARCHITECTURE.md); this module alone maps those names onto a mesh with
 axes ``("data", "fsdp", "tensor")``:
 
 - "data": pure data parallelism (parameters replicated),

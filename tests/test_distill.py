@@ -2,7 +2,6 @@
 devices; two jax.distributed processes), exact resume after a kill, no [B, T, V]
 logits in the stage-2 step, and a tiny end-to-end run whose loss falls."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from flax import nnx
 
 from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
+from hylo_jax.config_files import load_module
 from hylo_jax.distill import losses, train
 from hylo_jax.models import CausalLM
 
@@ -33,10 +33,7 @@ def tiny_config(vocab=96, layers=2, **kw):
 
 
 def distill_config():
-    spec = importlib.util.spec_from_file_location("distill_cfg", os.path.join(ROOT, "configs", "distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("distill")
 
 
 def random_batch(b, t, vocab, seed=0, pad_from=None):

@@ -2,9 +2,7 @@
 checkpoint round trip, layer selection, KV arithmetic, perplexity and config errors."""
 
 import dataclasses
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hylo_jax.config_files import load_config
 from hylo_jax.config import MLAConfig, ModelConfig
 from hylo_jax.convert import layer_selection, report, upcycle
 from hylo_jax.eval import perplexity as ppl
@@ -153,11 +152,7 @@ def test_kv_cache_arithmetic(teacher):
 
 
 def student_settings(**overrides):
-    spec = importlib.util.spec_from_file_location(
-        "convert_config", os.path.join(os.path.dirname(__file__), os.pardir, "configs", "convert.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    s = module.get_config().student
+    s = load_config("convert").student
     s.qk_rope_head_dim, s.kv_lora_rank, s.mla_layers = 4, 8, "hylo"
     for k, v in overrides.items():
         setattr(s, k, v)

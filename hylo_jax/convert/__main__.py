@@ -12,35 +12,18 @@ source is the bundled SmolLM2-135M-Instruct GGUF.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 from absl import app
-from ml_collections import config_flags
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "convert.py")
-
-
-def _fields_help(path: str) -> str:
-    spec = importlib.util.spec_from_file_location("_convert_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.get_config())
+from hylo_jax.config_files import define_config_flag, load_config
 
 
 def _define_config_flag():
-    # ml_collections applies --config.<field> overrides while defining the flag, so a
-    # misspelt field fails here, with an exception that names only the key.
-    try:
-        return config_flags.DEFINE_config_file(
-            "config",
-            default=os.path.normpath(DEFAULT_CONFIG),
-            help_string="ml_collections config file (get_config()). Fields and defaults:\n" + _fields_help(DEFAULT_CONFIG),
-            lock_config=True,
-        )
-    except (AttributeError, KeyError, ValueError) as e:
-        sys.exit(f"error: bad --config override ({e}); the config fields are:\n{_fields_help(DEFAULT_CONFIG)}")
+    return define_config_flag(
+        "convert", "ml_collections config file (get_config()). Fields and defaults:\n" + str(load_config("convert"))
+    )
 
 
 def convert(config) -> str:

@@ -14,13 +14,7 @@ import os
 import sys
 
 from absl import app
-from ml_collections import config_flags
-
-DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "distill.py"))
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", default=DEFAULT_CONFIG, help_string="ml_collections config file with get_config()", lock_config=True
-)
+from hylo_jax.config_files import define_config_flag
 
 
 def run(cfg) -> dict:
@@ -81,4 +75,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _CONFIG = define_config_flag("distill", "ml_collections config file with get_config() (default configs/distill.py)")
     app.run(main)

@@ -1,0 +1,180 @@
+"""Compile time of the distillation train steps (and of their parts), on this machine.
+
+Builds the SmolLM2-135M teacher and the hybrid student of outputs/hylo_smollm2 (only
+config.json is read; the models are abstract, built with nnx.eval_shape, so no weights
+are loaded), then lowers and compiles the stage-1 ("align") and stage-2 ("kl") steps
+exactly as hylo_jax/distill/train.py builds them (`train.build_step`: one jit with
+shardings, donated params and optimizer state, teacher inside the step). For each it
+prints the lower time, the compile time and the size of the optimized HLO (count of
+instructions). `--parts` also times the pieces: one GDN layer and one MLA layer
+(forward + backward, rematerialised as in the stage), the chunked KL loss alone, and
+the teacher's forward alone.
+
+  .venv/bin/python tools/bench_compile.py [--batch 1] [--seq 512] [--dtype bfloat16]
+      [--remat full] [--stages align,kl] [--parts] [--config outputs/hylo_smollm2/config.json]
+
+The persistent compilation cache is off, so every number is a cold compile. On CPU the
+GDN kernel is the chunked pure-JAX form (impl "xla"); a GPU run uses the Pallas form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hylo_jax import sharding as shd
+from hylo_jax.config import ModelConfig
+from hylo_jax.distill import losses, train
+from hylo_jax.models import CausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s", re.M)
+
+
+def hlo_ops(compiled) -> int:
+    """Instructions in the optimized HLO text (all computations, fusions included)."""
+    return len(_INSTR.findall(compiled.as_text()))
+
+
+def measure(name: str, jitted, *args) -> dict:
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    res = {"name": name, "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "hlo_ops": hlo_ops(compiled)}
+    print(f"{name:<28} lower {res['lower_s']:7.2f} s   compile {res['compile_s']:7.2f} s   "
+          f"HLO ops {res['hlo_ops']:7d}", flush=True)
+    return res
+
+
+def teacher_config(student: ModelConfig) -> ModelConfig:
+    return student.replace(layer_types=("attention",) * student.num_hidden_layers, mla=None, gdn=None, mamba2=None)
+
+
+def abstract_model(config, dtype):
+    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32))
+
+
+def with_shardings(state, mesh):
+    """ShapeDtypeStructs carrying the NamedShardings train.distill would give them."""
+    shardings = shd.state_shardings(state, mesh)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+
+
+def abstract_batch(b, t, sharding):
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sharding)
+    return {"input_ids": ids, "positions": ids, "segment_ids": ids,
+            "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=sharding)}
+
+
+def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
+    stage = train.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
+                        warmup_steps=1, remat=args.remat, kl_chunk=args.kl_chunk)
+    graphdef, params, rest = train.split_student(student)
+    t_graphdef, t_state = nnx.split(teacher)
+    params, rest, t_state = (with_shardings(s, mesh) for s in (params, rest, t_state))
+    stepfn = train.build_step(stage, graphdef, t_graphdef, params, rest, t_state, mesh, opt_cfg)
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(stepfn.tx.init, params), stepfn.opt_shardings)
+    batch = abstract_batch(args.batch, args.seq, stepfn.batch_sharding)
+    return measure(f"stage {kind} step", stepfn.step, params, opt, rest, t_state, batch)
+
+
+def bench_parts(args, student, teacher, dtype):
+    b, t, d = args.batch, args.seq, student.config.hidden_size
+    h = jax.ShapeDtypeStruct((b, t, d), dtype)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    mask = jax.ShapeDtypeStruct((b, t), jnp.float32)
+    out = []
+    for kind in ("gdn", "mla"):
+        i = student.config.layer_types.index(kind)
+        gd, state = nnx.split(student.model.layers[i])
+
+        def layer_loss(state, h, positions, segment_ids, gd=gd):
+            layer = nnx.merge(gd, state)
+            h_out, mixer_out = losses._layer_call(layer, h, positions, segment_ids, args.remat)
+            return jnp.sum(h_out.astype(jnp.float32)) + jnp.sum(mixer_out.astype(jnp.float32))
+
+        out.append(measure(f"one {kind} layer fwd+bwd", jax.jit(jax.grad(layer_loss, argnums=(0, 1))),
+                           state, h, ids, ids))
+
+    gs, s_state = nnx.split(student)
+    gt, t_state = nnx.split(teacher)
+
+    def kl_only(s_state, t_state, h_s, h_t, mask):
+        sums = losses.chunked_kl_and_ce(nnx.merge(gs, s_state), nnx.merge(gt, t_state), h_s, h_t, mask,
+                                        chunk_size=args.kl_chunk)
+        return sums["kl_sum"]
+
+    out.append(measure("chunked KL fwd+bwd", jax.jit(jax.grad(kl_only, argnums=(0, 2))), s_state, t_state, h, h, mask))
+
+    def teacher_fwd(t_state, ids, positions, segment_ids):
+        return nnx.merge(gt, t_state).hidden(ids, positions, segment_ids)
+
+    out.append(measure("teacher forward", jax.jit(teacher_fwd), t_state, ids, ids, ids))
+
+    def teacher_collect(t_state, ids, positions, segment_ids):
+        return nnx.merge(gt, t_state).model(ids, positions, segment_ids, collect=True)[2]
+
+    out.append(measure("teacher forward (collect)", jax.jit(teacher_collect), t_state, ids, ids, ids))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "outputs", "hylo_smollm2", "config.json"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--remat", default="full", choices=tuple(losses.REMAT_POLICIES))
+    p.add_argument("--kl-chunk", type=int, default=256)
+    p.add_argument("--stages", default="align,kl")
+    p.add_argument("--parts", action="store_true", help="also time one GDN / MLA layer, the KL, the teacher")
+    p.add_argument("--json", default="", help="append the results as one JSON line to this file")
+    args = p.parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)
+
+    with open(args.config) as f:
+        s_cfg = ModelConfig.from_hf_config(json.load(f))
+    dtype = jnp.dtype(args.dtype)
+    student = abstract_model(s_cfg, dtype)
+    teacher = abstract_model(teacher_config(s_cfg), dtype)
+    print(f"student {s_cfg.layer_types.count('mla')} MLA + {s_cfg.layer_types.count('gdn')} GDN of "
+          f"{s_cfg.num_hidden_layers}; B={args.batch} T={args.seq} {args.dtype} remat={args.remat}; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus, "
+          f"load {os.getloadavg()[0]:.1f}); {platform.processor() or platform.machine()}", flush=True)
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_cfg", os.path.join(ROOT, "configs", "distill.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    opt_cfg = module.get_config().optimizer
+    mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+
+    results = []
+    for kind in [k.strip() for k in args.stages.split(",") if k.strip()]:
+        results.append(bench_stage(kind, args, student, teacher, mesh, opt_cfg))
+    if args.parts:
+        results += bench_parts(args, student, teacher, dtype)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": vars(args), "load": os.getloadavg()[0], "results": results}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
