@@ -261,7 +261,7 @@ def test_gguf_unsupported_architecture(tmp_path):
         load_model(str(tmp_path / "gpt2.gguf"))
 
 
-@pytest.mark.slow  # ~4.5 min on the shared 2-core CPU (GGUF tokenizer + two dequantized loads)
+# The core invariant on the real model: ~90 s on 2 CPU cores (two dequantized loads).
 def test_smollm2_gguf_matches_transformers_on_real_text():
     from hylo_jax.inference import generate
 

@@ -87,15 +87,16 @@ def final_hidden(model: nnx.Module, input_ids, positions=None, segment_ids=None,
     Same computation as `CausalLM.hidden` (embed -> layers -> norm); with remat the
     backward pass keeps only each layer's input instead of all its activations.
     """
-    from hylo_jax.models.decoder import default_positions
+    from hylo_jax.models.decoder import default_positions, run_layers
 
     if remat == "none":
         return model.hidden(input_ids, positions, segment_ids)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {tuple(REMAT_POLICIES)}")
     if positions is None:
         positions = default_positions(input_ids, segment_ids)
     h = model.model.embed_tokens(input_ids)
-    for layer in model.model.layers:
-        h, _ = _layer_call(layer, h, positions, segment_ids, remat)
+    h, _, _ = run_layers(model.model.layers, h, positions, segment_ids, remat=True, remat_policy=REMAT_POLICIES[remat])
     return model.model.norm(h)
 
 
@@ -112,7 +113,7 @@ def layer_alignment_loss(
     Student layer i gets the teacher's hidden state entering layer i. Returns
     (loss, metrics) with per-layer terms under "align/h{i}" and "align/mixer{i}".
     """
-    from hylo_jax.models.decoder import default_positions
+    from hylo_jax.models.decoder import default_positions, layer_groups
 
     ids, positions, segment_ids, mask = _batch_parts(batch)
     if positions is None:
@@ -124,10 +125,22 @@ def layer_alignment_loss(
     mixers_t = [jax.lax.stop_gradient(m) for m in collected["mixer_outputs"]]
     n_tokens = jnp.maximum(mask.sum(), 1.0)
 
+    # Aligned layers are independent (each starts from the teacher's hidden state), so
+    # all alike layers, wherever they sit, run as one lax.map: one traced body per kind.
+    outputs = {}
+    for idx, graphdef, stacked in layer_groups([student.model.layers[i] for i in layers], consecutive=False):
+
+        def one(xs, graphdef=graphdef):
+            state, h_in = xs
+            return _layer_call(nnx.merge(graphdef, state), h_in, positions, segment_ids, remat)
+
+        h_out, mixer_out = jax.lax.map(one, (stacked, jnp.stack([hs_t[layers[n]] for n in idx])))
+        outputs.update({layers[n]: (h_out[j], mixer_out[j]) for j, n in enumerate(idx)})
+
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
     for i in layers:
-        h_s, mixer_s = _layer_call(student.model.layers[i], hs_t[i], positions, segment_ids, remat)
+        h_s, mixer_s = outputs[i]
         h_term = jnp.sum(safe_norm(h_s - hs_t[i + 1]) * mask) / n_tokens
         m_term = jnp.sum(safe_norm(mixer_s - mixers_t[i]) * mask) / n_tokens
         metrics[f"align/h{i}"] = h_term

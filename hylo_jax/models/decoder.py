@@ -9,6 +9,11 @@ Qwen2, Qwen3) is the all-"attention" case.
 Every mixer has the signature `y, new_cache = mixer(x, positions, segment_ids, cache)`
 and an `init_cache(batch, max_length, dtype)`; the model's cache is the tuple of the
 layers' caches, a pytree.
+
+Without a cache, each run of consecutive layers of the same kind and parameter shapes
+goes through one `lax.scan` over their stacked states (`run_layers`): XLA then compiles
+one layer body per run instead of one per layer. The 30 layers of a Llama teacher are
+one scan; the parameters stay per layer, under their Hugging Face names.
 """
 
 from __future__ import annotations
@@ -52,6 +57,57 @@ def default_positions(input_ids: jax.Array, segment_ids: jax.Array | None = None
         [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def layer_groups(layers, *, consecutive: bool = True) -> list[tuple[list[int], nnx.GraphDef, nnx.State]]:
+    """[(layer indices, graphdef, states stacked on a new leading axis)] for `layers`.
+
+    A group holds layers of one kind with the same state tree, shapes and dtypes, so
+    one traced body serves them all (a layer's computation depends only on its kind,
+    the shared config and its state). consecutive=True groups only neighbours (for
+    running layers in order); False groups all alike layers wherever they are.
+    """
+    groups, keys = [], []
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
+        leaves, treedef = jax.tree.flatten(state)
+        key = (layer.kind, treedef, tuple((x.shape, x.dtype) for x in leaves))
+        if consecutive:
+            j = len(groups) - 1 if keys and keys[-1] == key else None
+        else:
+            j = keys.index(key) if key in keys else None
+        if j is None:
+            keys.append(key)
+            groups.append(([], graphdef, []))
+            j = len(groups) - 1
+        groups[j][0].append(i)
+        groups[j][2].append(state)
+    return [
+        (idx, graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)) for idx, graphdef, states in groups
+    ]
+
+
+def run_layers(layers, h, positions, segment_ids=None, *, remat_policy=None, remat: bool = False, collect=False):
+    """h [B, T, D] through `layers` in order, without caches; each run of alike layers
+    is one `lax.scan`. remat=True wraps each layer in `jax.checkpoint(policy=remat_policy)`.
+
+    Returns (h, hidden_states, mixer_outputs): with collect, the lists of each layer's
+    output and mixer output (before the residual add), else None, None.
+    """
+    hidden_states, mixer_outputs = [], []
+    for idx, graphdef, stacked in layer_groups(layers):
+
+        def body(h, state, graphdef=graphdef):
+            h, mixer_out, _ = nnx.merge(graphdef, state)(h, positions, segment_ids)
+            return h, ((h, mixer_out) if collect else None)
+
+        if remat:
+            body = jax.checkpoint(body, policy=remat_policy)
+        h, ys = jax.lax.scan(body, h, stacked)
+        if collect:
+            hidden_states += [ys[0][n] for n in range(len(idx))]
+            mixer_outputs += [ys[1][n] for n in range(len(idx))]
+    return (h, hidden_states, mixer_outputs) if collect else (h, None, None)
 
 
 class DecoderLayer(nnx.Module):
@@ -116,15 +172,19 @@ class DecoderModel(nnx.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.layers)} layers")
         h = self.embed_tokens(input_ids)
+        if cache is None:
+            out, hidden_states, mixer_outputs = run_layers(self.layers, h, positions, segment_ids, collect=collect)
+            collected = {"hidden_states": [h, *hidden_states], "mixer_outputs": mixer_outputs} if collect else None
+            return self.norm(out), None, collected
         hidden_states, mixer_outputs, new_cache = [h], [], []
         for i, layer in enumerate(self.layers):
-            h, mixer_out, layer_cache = layer(h, positions, segment_ids, None if cache is None else cache[i])
+            h, mixer_out, layer_cache = layer(h, positions, segment_ids, cache[i])
             if collect:
                 hidden_states.append(h)
                 mixer_outputs.append(mixer_out)
             new_cache.append(layer_cache)
         collected = {"hidden_states": hidden_states, "mixer_outputs": mixer_outputs} if collect else None
-        return self.norm(h), (None if cache is None else tuple(new_cache)), collected
+        return self.norm(h), tuple(new_cache), collected
 
 
 class CausalLM(nnx.Module):
