@@ -51,7 +51,7 @@ class MLAConfig:
     # One decoupled RoPE key per teacher KV head instead of one shared by all heads.
     # With full ranks this makes the conversion exact.
     rope_per_kv_head: bool = False
-    # RoPE scaling applied to the MLA layers only (e.g. YaRN for long context).
+    # RoPE scaling of the MLA layers only (e.g. YaRN for long context); None = the model's.
     rope_scaling: tuple | None = None
     # The teacher's rotary pairs (pair i = head dims (i, i + head_dim/2)) that keep RoPE,
     # qk_rope_head_dim // 2 of them; None = the lowest-index pairs 0, 1, ...

@@ -16,9 +16,15 @@ from hylo_jax.layers.rope import compute_inv_freq
 D, HEAD_DIM, T = 48, 16, 11
 
 
-def teacher_config(heads=4, kv_heads=2):
+def teacher_config(heads=4, kv_heads=2, rope_scaling=None):
     return ModelConfig(model_type="llama", vocab_size=64, hidden_size=D, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, rope_theta=500.0)
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=HEAD_DIM, rope_theta=500.0,
+                       rope_scaling=rope_scaling)
+
+
+# Llama 3's frequency-dependent scaling, frozen as ModelConfig stores it.
+LLAMA3_SCALING = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                  ("original_max_position_embeddings", 8), ("rope_type", "llama3"))
 
 
 def mla_student(cfg, **kw):
@@ -52,9 +58,10 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("heads,kv_heads,q_lora", [(4, 4, 0), (4, 2, D), (4, 1, 0)])
-def test_full_rank_per_kv_head_rope_is_exact(heads, kv_heads, q_lora):
-    cfg = teacher_config(heads, kv_heads)
+@pytest.mark.parametrize("heads,kv_heads,q_lora,scaling", [
+    (4, 4, 0, None), (4, 2, D, None), (4, 1, 0, None), (4, 2, 0, LLAMA3_SCALING)])
+def test_full_rank_per_kv_head_rope_is_exact(heads, kv_heads, q_lora, scaling):
+    cfg = teacher_config(heads, kv_heads, scaling)
     full_kv = min(D, heads * 2 * HEAD_DIM)  # rank of the stacked [K_nope; V] is at most D here
     # The pairs in a scrambled order: the layout must follow rope_pairs, not assume 0..n-1.
     pairs = (3, 0, 7, 1, 6, 2, 5, 4)

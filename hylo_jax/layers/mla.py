@@ -113,7 +113,8 @@ class MLA(nnx.Module):
         self.rope = RoPE(
             head_dim=config.head_dim,
             theta=config.rope_theta,
-            scaling=m.rope_scaling,
+            # None inherits the teacher's scaling (e.g. Llama 3's), so conversion keeps its frequencies.
+            scaling=m.rope_scaling if m.rope_scaling is not None else config.rope_scaling,
             max_position_embeddings=config.max_position_embeddings,
             pairs=mla_rope_pairs(config),
         )
