@@ -6,12 +6,13 @@ are loaded), then lowers and compiles the stage-1 ("align") and stage-2 ("kl") s
 exactly as hylo_jax/distill/train.py builds them (`train.build_step`: one jit with
 shardings, donated params and optimizer state, teacher inside the step). For each it
 prints the lower time, the compile time and the size of the optimized HLO (count of
-instructions). `--parts` also times the pieces: one GDN layer and one MLA layer
+instructions). `--split` also compiles each step's loss + gradients and its optimizer
+update on their own. `--parts` also times the pieces: one GDN layer and one MLA layer
 (forward + backward, rematerialised as in the stage), the chunked KL loss alone, and
 the teacher's forward alone.
 
   .venv/bin/python tools/bench_compile.py [--batch 1] [--seq 512] [--dtype bfloat16]
-      [--remat full] [--stages align,kl] [--parts] [--config outputs/hylo_smollm2/config.json]
+      [--remat full] [--stages align,kl] [--split] [--parts] [--config outputs/hylo_smollm2/config.json]
 
 The persistent compilation cache is off, so every number is a cold compile. On CPU the
 GDN kernel is the chunked pure-JAX form (impl "xla"); a GPU run uses the Pallas form.
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from hylo_jax import sharding as shd
@@ -48,14 +50,17 @@ def hlo_ops(compiled) -> int:
 
 
 def measure(name: str, jitted, *args) -> dict:
-    t0 = time.perf_counter()
+    """Lower and compile; wall and CPU seconds (the CPU time of this process is less
+    disturbed by other jobs on a shared machine than the wall time)."""
+    w0, c0 = time.perf_counter(), time.process_time()
     lowered = jitted.lower(*args)
-    t1 = time.perf_counter()
+    w1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
-    t2 = time.perf_counter()
-    res = {"name": name, "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "hlo_ops": hlo_ops(compiled)}
-    print(f"{name:<28} lower {res['lower_s']:7.2f} s   compile {res['compile_s']:7.2f} s   "
-          f"HLO ops {res['hlo_ops']:7d}", flush=True)
+    w2, c2 = time.perf_counter(), time.process_time()
+    res = {"name": name, "lower_s": round(w1 - w0, 2), "compile_s": round(w2 - w1, 2),
+           "compile_cpu_s": round(c2 - c1, 2), "hlo_ops": hlo_ops(compiled)}
+    print(f"{name:<28} lower {res['lower_s']:6.2f} s   compile {res['compile_s']:6.2f} s "
+          f"(cpu {res['compile_cpu_s']:6.2f} s)   HLO ops {res['hlo_ops']:7d}", flush=True)
     return res
 
 
@@ -91,7 +96,22 @@ def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(stepfn.tx.init, params), stepfn.opt_shardings)
     batch = abstract_batch(args.batch, args.seq, stepfn.batch_sharding)
-    return measure(f"stage {kind} step", stepfn.step, params, opt, rest, t_state, batch)
+    out = [measure(f"stage {kind} step", stepfn.step, params, opt, rest, t_state, batch)]
+    if args.split:  # the step's two halves on their own: loss + gradients, optimizer update
+
+        def loss_and_grad(params, rest, t_state, batch):
+            def loss_fn(p):
+                return train.stage_loss(stage, nnx.merge(graphdef, p, rest), nnx.merge(t_graphdef, t_state), batch)
+
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        def update(grads, opt, params):
+            updates, opt = stepfn.tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt
+
+        out.append(measure(f"  {kind} loss + grad only", jax.jit(loss_and_grad), params, rest, t_state, batch))
+        out.append(measure(f"  {kind} optimizer only", jax.jit(update), params, opt, params))
+    return out
 
 
 def bench_parts(args, student, teacher, dtype):
@@ -144,6 +164,7 @@ def main(argv=None):
     p.add_argument("--kl-chunk", type=int, default=256)
     p.add_argument("--stages", default="align,kl")
     p.add_argument("--parts", action="store_true", help="also time one GDN / MLA layer, the KL, the teacher")
+    p.add_argument("--split", action="store_true", help="also time each stage's loss+grad and optimizer alone")
     p.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
@@ -168,7 +189,7 @@ def main(argv=None):
 
     results = []
     for kind in [k.strip() for k in args.stages.split(",") if k.strip()]:
-        results.append(bench_stage(kind, args, student, teacher, mesh, opt_cfg))
+        results += bench_stage(kind, args, student, teacher, mesh, opt_cfg)
     if args.parts:
         results += bench_parts(args, student, teacher, dtype)
     if args.json:
