@@ -74,4 +74,4 @@ def define_config_flag(default_name: str, help_string: str):
     except (AttributeError, KeyError, ValueError, TypeError) as e:
         unknown = _unknown_overrides(sys.argv[1:], default_name)
         what = f"unknown config field(s) {'; '.join(unknown)}" if unknown else f"bad --config override ({e})"
-        sys.exit(f"error: {what}; run with --helpfull to list the fields and their defaults")
+        sys.exit(f"error: {what}; run with --help to list the fields and their defaults")

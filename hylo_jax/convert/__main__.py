@@ -1,13 +1,15 @@
-"""Import a teacher and export it as a Hugging Face style directory.
+"""Import a teacher, upcycle it into a hybrid student, export an HF-style directory.
 
-  python -m hylo_jax.convert --config.output_dir=/tmp/smollm2
-  python -m hylo_jax.convert --config.source=/path/to/hf_dir --config.output_dir=/tmp/out \
-      --config.export_dtype=bfloat16
+  python -m hylo_jax.convert          # SmolLM2-135M -> 8 MLA + 22 GDN in outputs/hylo_smollm2
+  python -m hylo_jax.convert --config=configs/hylo_llama32_1b.py --config.source=/path/to/Llama-3.2-1B
+  # no upcycling: import and export the teacher as is
+  python -m hylo_jax.convert --config.source=/path/to/hf_dir --config.output_dir=/tmp/out --config.student.mla_layers=
 
-Config: configs/convert.py (another file with get_config() via --config=path);
-every field can be overridden with --config.<field>=<value>; unknown fields are errors.
-The source is an HF dir, a .gguf file, a hub id or a hylo_jax checkpoint; an empty
-source is the bundled SmolLM2-135M-Instruct GGUF.
+Config: configs/convert.py (another file with get_config() via --config=path); every
+field can be overridden with --config.<field>=<value>; unknown fields are errors. The
+source is an HF dir, a .gguf file, a hub id or a hylo_jax checkpoint; an empty source is
+the bundled SmolLM2-135M-Instruct GGUF. The output holds the model, its tokenizer and,
+for a hybrid, report.json / report.md.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 
 from hylo_jax.config_files import define_config_flag, load_config
 
@@ -93,4 +95,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _CONFIG = _define_config_flag()
+    flags.declare_key_flag("config")  # --help lists it
     app.run(main)

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 from hylo_jax.config_files import define_config_flag
 
 
@@ -76,4 +76,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _CONFIG = define_config_flag("distill", "ml_collections config file with get_config() (default configs/distill.py)")
+    flags.declare_key_flag("config")  # --help lists it
     app.run(main)
