@@ -94,17 +94,23 @@ def gdn_inputs(b, t, h, dk, dv, seed=0):
     return q, k, v, g, beta, do
 
 
+def _jit_fwd_and_fwd_bwd(fwd):
+    """jit(fwd) and jit of its VJP; fwd returns (out, final_state), fwd_bwd takes the
+    inputs then d_out (the final state's cotangent is zero)."""
+
+    def fwd_bwd(*args):
+        *inputs, d_out = args
+        (_, final), vjp = jax.vjp(fwd, *inputs)
+        return vjp((d_out, jnp.zeros_like(final)))
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
 def _jax_fns(impl, chunk):
     from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 
-    def fwd(q, k, v, g, beta):
-        return chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True, chunk_size=chunk, impl=impl)
-
-    def fwd_bwd(q, k, v, g, beta, do):
-        (o, s), vjp = jax.vjp(fwd, q, k, v, g, beta)
-        return vjp((do, jnp.zeros_like(s)))
-
-    return jax.jit(fwd), jax.jit(fwd_bwd)
+    return _jit_fwd_and_fwd_bwd(lambda q, k, v, g, beta: chunk_gated_delta_rule(
+        q, k, v, g, beta, output_final_state=True, chunk_size=chunk, impl=impl))
 
 
 def _fla():
@@ -303,14 +309,8 @@ def ssd_inputs(b, t, h, p, n, g, seed=0):
 def _ssd_jax_fns(impl, chunk):
     from pallas_kernels.ssd import ssd
 
-    def fwd(x, dt, A, B, C):
-        return ssd(x, dt, A, B, C, output_final_state=True, chunk_size=chunk, impl=impl)
-
-    def fwd_bwd(x, dt, A, B, C, dy):
-        (y, s), vjp = jax.vjp(fwd, x, dt, A, B, C)
-        return vjp((dy, jnp.zeros_like(s)))
-
-    return jax.jit(fwd), jax.jit(fwd_bwd)
+    return _jit_fwd_and_fwd_bwd(lambda x, dt, A, B, C: ssd(
+        x, dt, A, B, C, output_final_state=True, chunk_size=chunk, impl=impl))
 
 
 def _ssd_torch_fns(chunk):

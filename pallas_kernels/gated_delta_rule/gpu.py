@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step
+from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, recurrence_cost
 
 
 # Launch parameters: the fastest fwd+bwd of the 8 combinations that
@@ -89,10 +89,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
         out_specs += [pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col]
         out_shape += [jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od)]
     itemsize = jnp.dtype(od).itemsize
-    flops = bh * tp * dv * (6 * dk + 2 * c)
-    bytes_accessed = itemsize * bh * tp * (3 * dk + c + 2 * dv) + 8 * bh * dk * dv
-    if save_states:
-        bytes_accessed += itemsize * bh * (n * dk * dv + tp * dv)
+    flops, bytes_accessed = recurrence_cost(bh, tp, dk, dv, c, itemsize, save_states=save_states)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, n_chunks=n, c=c),
         grid=(bh, dv // bv),
@@ -142,8 +139,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
     col = pl.BlockSpec((None, tp, bv), lambda i, j: (i, 0, j))
     state = pl.BlockSpec((None, dk, bv), lambda i, j: (i, 0, j))
     itemsize = jnp.dtype(od).itemsize
-    flops = bh * tp * dv_dim * (6 * dk + 2 * c)
-    bytes_accessed = itemsize * bh * (tp * (3 * dk + c + dv_dim) + n * dk * dv_dim) + 4 * bh * tp * dv_dim
+    flops, bytes_accessed = recurrence_cost(bh, tp, dk, dv_dim, c, itemsize, backward=True)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, n_chunks=n, c=c),
         grid=(bh, dv_dim // bv),

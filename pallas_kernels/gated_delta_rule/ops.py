@@ -56,7 +56,6 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
         w, u, qg, aqk, kg, decay, h0 = res
         do, dht = cts
         bh, tp, dk = w.shape
-        dv_dim = u.shape[-1]
         n = tp // c
         # Recompute the state entering each chunk and v_new rather than storing them.
         _, _, h, v_new = kern.recurrence_fwd(

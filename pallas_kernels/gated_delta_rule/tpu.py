@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step
+from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, recurrence_cost
 
 
 def _block_v(dv, block_v):
@@ -75,10 +75,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
         out_specs += [pl.BlockSpec((None, None, dk, bv), lambda b, j, i: (b, i, 0, j)), col]
         out_shape += [jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od)]
     itemsize = jnp.dtype(od).itemsize
-    flops = bh * tp * dv * (6 * dk + 2 * c)
-    bytes_accessed = itemsize * bh * tp * (3 * dk + c + 2 * dv) + 8 * bh * dk * dv
-    if save_states:
-        bytes_accessed += itemsize * bh * (n * dk * dv + tp * dv)
+    flops, bytes_accessed = recurrence_cost(bh, tp, dk, dv, c, itemsize, save_states=save_states)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, n_chunks=n, save=save_states),
         grid=(bh, dv // bv, n),
@@ -128,8 +125,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
     state = pl.BlockSpec((None, dk, bv), lambda b, j, i: (b, 0, j))
     decay_spec = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, rev(i), 0, 0))
     itemsize = jnp.dtype(od).itemsize
-    flops = bh * tp * dv_dim * (6 * dk + 2 * c)
-    bytes_accessed = itemsize * bh * (tp * (3 * dk + c + dv_dim) + n * dk * dv_dim) + 4 * bh * tp * dv_dim
+    flops, bytes_accessed = recurrence_cost(bh, tp, dk, dv_dim, c, itemsize, backward=True)
     return pl.pallas_call(
         functools.partial(_bwd_kernel, n_chunks=n),
         grid=(bh, dv_dim // bv, n),

@@ -87,6 +87,19 @@ def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
     return o, v_new, s
 
 
+def recurrence_cost(bh, tp, dk, dv, c, itemsize, *, backward=False, save_states=False):
+    """(flops, bytes) of the inter-chunk recurrence (chunk_forward_step / chunk_backward_step
+    over all chunks) as the GPU and TPU kernels run it, for their pl.CostEstimate."""
+    n = tp // c
+    flops = bh * tp * dv * (6 * dk + 2 * c)
+    if backward:
+        return flops, itemsize * bh * (tp * (3 * dk + c + dv) + n * dk * dv) + 4 * bh * tp * dv
+    nbytes = itemsize * bh * tp * (3 * dk + c + 2 * dv) + 8 * bh * dk * dv
+    if save_states:
+        nbytes += itemsize * bh * (n * dk * dv + tp * dv)
+    return flops, nbytes
+
+
 def chunk_backward_step(ds, do, w, qg, aqk, kg, decay):
     """Reverse of `chunk_forward_step` for the state: given dL/dS' (ds, [K, BV] float32)
     and dL/do (do, [C, BV]), return (dv_new [C, BV], dL/dS [K, BV]), float32."""
