@@ -100,7 +100,7 @@ def random_mla(rope_per_kv_head=False, q_lora=24, nope=10, seed=1):
 
 def reference_mla(params, scfg, x, pos):
     """Float64 numpy MLA (expanded form) written from the DeepSeek-V2 equations."""
-    m, h, hkv = scfg.mla, scfg.num_attention_heads, scfg.num_key_value_heads
+    m, h = scfg.mla, scfg.num_attention_heads
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     if m.q_lora_rank:

@@ -6,7 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,14 +20,6 @@ L, HEAD_DIM = 4, 16
 EXACT_MLA = MLAConfig(kv_lora_rank=48, qk_rope_head_dim=HEAD_DIM, qk_nope_head_dim=0, v_head_dim=HEAD_DIM,
                       rope_per_kv_head=True)
 LOW_MLA = MLAConfig(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=12, v_head_dim=HEAD_DIM, q_lora_rank=16)
-try:  # the linear mixers need the kernels in pallas_kernels/
-    import hylo_jax.convert.linear_init  # noqa: F401
-
-    HAVE_LINEAR = True
-except ImportError:
-    HAVE_LINEAR = False
-
-
 @pytest.fixture(scope="module")
 def teacher():
     cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=L,
@@ -92,7 +83,6 @@ def test_student_checkpoint_round_trip(teacher, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(ids())), np.asarray(student(ids())))
 
 
-@pytest.mark.skipif(not HAVE_LINEAR, reason="linear-attention kernels (pallas_kernels.ssd) not present yet")
 @pytest.mark.parametrize("kind", ["gdn", "mamba2"])
 def test_linear_layers_take_the_teacher_projections(teacher, kind):
     cfg = upcycle.make_student_config(teacher.config, ["mla", kind, kind, "attention"], mla=LOW_MLA)

@@ -52,7 +52,7 @@ def hlo_ops(compiled) -> int:
 def measure(name: str, jitted, *args) -> dict:
     """Lower and compile; wall and CPU seconds (the CPU time of this process is less
     disturbed by other jobs on a shared machine than the wall time)."""
-    w0, c0 = time.perf_counter(), time.process_time()
+    w0 = time.perf_counter()
     lowered = jitted.lower(*args)
     w1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()

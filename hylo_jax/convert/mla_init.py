@@ -107,7 +107,7 @@ def _truncated_svd(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, di
 
 def max_ranks(config: ModelConfig, mla: MLAConfig) -> tuple[int, int]:
     """(largest q_lora_rank, largest kv_lora_rank) an SVD init can give (min matrix dims)."""
-    h, hkv, d_model = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    h, d_model = config.num_attention_heads, config.hidden_size
     q_max = min(d_model, h * config.head_dim)
     # The stacked [K_nope; V] repeats each KV head's rows, so its rank is at most Hkv rows' worth.
     kv_max = min(d_model, h * (mla.qk_nope_head_dim + mla.v_head_dim))
