@@ -59,8 +59,12 @@ def measure(name: str, jitted, *args) -> dict:
     w2, c2 = time.perf_counter(), time.process_time()
     res = {"name": name, "lower_s": round(w1 - w0, 2), "compile_s": round(w2 - w1, 2),
            "compile_cpu_s": round(c2 - c1, 2), "hlo_ops": hlo_ops(compiled)}
+    mem = compiled.memory_analysis()
+    if mem is not None:  # what the step needs beyond its arguments (activations, gradients)
+        res["temp_gib"] = round(mem.temp_size_in_bytes / 2**30, 2)
     print(f"{name:<28} lower {res['lower_s']:6.2f} s   compile {res['compile_s']:6.2f} s "
-          f"(cpu {res['compile_cpu_s']:6.2f} s)   HLO ops {res['hlo_ops']:7d}", flush=True)
+          f"(cpu {res['compile_cpu_s']:6.2f} s)   HLO ops {res['hlo_ops']:7d}   temp {res.get('temp_gib', '?')} GiB",
+          flush=True)
     return res
 
 

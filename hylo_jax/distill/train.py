@@ -444,6 +444,7 @@ class Evaluator:
             res = passkey.evaluate(
                 model, self.tokenizer, length, n_trials=self.cfg.passkey_trials, seed=self.cfg.seed,
                 prefill_chunk_size=self.cfg.passkey_prefill_chunk or None,
+                batch_size=self.cfg.passkey_batch_size,
             )
             out[f"passkey@{length}"] = float(res["accuracy"])
         return out
@@ -542,7 +543,10 @@ def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
 
     if resume_step == 0:
         evaluate("teacher", teacher, with_teacher=False)
-        evaluate("student_init", nnx.merge(_graphdef_for(base_config, dtype, param_dtype), params, rest))
+        evaluate(
+            "student_init", nnx.merge(_graphdef_for(base_config, dtype, param_dtype), params, rest),
+            with_passkey=cfg.eval.passkey_at_init,
+        )
 
     total_steps = ends[-1]
     if resume_step >= total_steps:
