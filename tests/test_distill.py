@@ -387,6 +387,14 @@ def test_resume_after_kill_reproduces_losses_and_loss_falls(tmp_path, tokenizer)
     for a, b in zip(jax.tree.leaves(nnx.state(full["student"])), jax.tree.leaves(nnx.state(resumed["student"]))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
+    # A finished run started again trains nothing and measures its final student again.
+    teacher, student = models()
+    again = train.distill(_loop_config(tmp_path / "a", module), teacher=teacher, student=student, tokenizer=tokenizer,
+                          evaluator=evaluator)
+    last = list(full["evals"])[-1]
+    assert list(again["evals"]) == [last]
+    np.testing.assert_allclose(again["evals"][last]["kl"], full["evals"][last]["kl"], rtol=1e-6)
+
 
 # -------------------------------------------------------------- CLI
 def test_cli_help_and_bad_override():

@@ -1,6 +1,7 @@
 """Gated delta rule: reference vs an independent float64 loop, chunked XLA form and
 Pallas kernels (interpret mode on CPU, compiled on GPU) vs the float64 reference in
-output, final state and every gradient; Mosaic TPU and Triton lowering checked on CPU."""
+output, final state and every gradient; the chunk-local GPU kernels (gpu_prepare) vs
+xla.prepare and its autodiff VJP; Mosaic TPU and Triton lowering checked on CPU."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pallas_kernels.gated_delta_rule import (
     fused_recurrent_gated_delta_rule,
     gated_delta_rule_step,
 )
+from pallas_kernels.gated_delta_rule import gpu_prepare
+from pallas_kernels.gated_delta_rule.xla import prepare as xla_prepare
 
 TOL = {jnp.float32: 5e-3, jnp.bfloat16: 2e-2}
 
@@ -184,10 +187,10 @@ class TestPallasInterpret:
     CASES = [(40, 16, True, True)]
     SLOW_CASES = [(1, 16, False, False), (63, 16, True, False), (77, 32, False, True), (130, 64, True, True)]
 
-    def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16)):
+    def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16), prepare_impl="xla"):
         x = make_inputs(t, 1, t, 2, *dims, dtype=dtype)
         got = _loss_and_grads(chunk_gated_delta_rule_pallas, x, use_h0, use_seg, chunk_size=chunk,
-                              interpret=self.INTERPRET, backend=backend)
+                              interpret=self.INTERPRET, backend=backend, prepare_impl=prepare_impl)
         with jax.enable_x64(True):
             want = _reference64(x, use_h0, use_seg)
         _assert_close(got, want, TOL[dtype], f"pallas-{backend} T={t} C={chunk} h0={use_h0} seg={use_seg}")
@@ -202,6 +205,11 @@ class TestPallasInterpret:
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", SLOW_CASES)
     def test_matches_reference_more_shapes(self, backend, t, chunk, use_h0, use_seg):
         self._check(backend, t, chunk, use_h0, use_seg)
+
+    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
+    def test_pallas_prepare_matches_reference(self, t, chunk, use_h0, use_seg):
+        """The whole op with the chunk-local part in the gpu_prepare kernels."""
+        self._check("gpu", t, chunk, use_h0, use_seg, prepare_impl="pallas")
 
 
 def _has_gpu():
@@ -226,6 +234,7 @@ class TestPallasGPU(TestPallasInterpret):
     )
     def test_compiled(self, dtype, t, chunk, use_h0, use_seg):
         self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64))
+        self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64), prepare_impl="pallas")
 
     @pytest.mark.parametrize("backend", ["gpu"])
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", TestPallasInterpret.CASES)
@@ -235,19 +244,126 @@ class TestPallasGPU(TestPallasInterpret):
     test_matches_reference_more_shapes = None
 
 
-# --------------------------------------------------------------------- lowering
-def _export_grad(backend, platform, dtype):
-    b, t, h, dk, dv = 1, 256, 2, 128, 128
+# ------------------------------------------------- chunk-local Pallas GPU kernels
+def _prepare_and_vjp(fn, x, use_seg, chunk):
+    """fn's Chunked outputs and the VJP of random cotangents w.r.t. q, k, v, g, beta (jitted)."""
+    dk = x["q"].shape[-1]
+    kw = dict(scale=dk**-0.5, segment_ids=x["seg"] if use_seg else None, chunk_size=chunk)
+    args = tuple(x[n] for n in ("q", "k", "v", "g", "beta"))
+    shapes = jax.eval_shape(lambda *a: xla_prepare(*a, **kw), *args)
+    keys = jax.random.split(jax.random.key(11), len(shapes))
+    cts = type(shapes)(*(jax.random.normal(kk, s.shape).astype(s.dtype) for kk, s in zip(keys, shapes)))
 
-    def grads(q, k, v, g, beta, h0):
+    def run(args, cts):
+        out, vjp = jax.vjp(lambda *a: fn(*a, **kw), *args)
+        return out, vjp(cts)
+
+    return jax.jit(run)(args, cts)
+
+
+class TestPreparePallas:
+    """gpu_prepare (the chunk-local kernels) vs xla.prepare: all six outputs, and the
+    custom VJP vs autodiff of xla.prepare, in interpret mode on CPU."""
+
+    INTERPRET = True
+    # (T, chunk, K, segments, dtype)
+    CASES = [(63, 16, 64, True, jnp.float32), (130, 64, 128, False, jnp.bfloat16)]
+    SLOW_CASES = [
+        (1, 32, 64, True, jnp.float32),
+        (1, 16, 128, False, jnp.bfloat16), (63, 32, 128, True, jnp.float32), (63, 64, 64, False, jnp.bfloat16),
+        (130, 16, 64, False, jnp.float32), (130, 32, 64, True, jnp.bfloat16), (130, 64, 64, True, jnp.float32),
+        (130, 64, 128, True, jnp.bfloat16), (63, 16, 128, False, jnp.float32),
+    ]
+
+    def _check(self, t, chunk, dk, use_seg, dtype, f32_dot=None):
+        x = make_inputs(t + chunk + dk, 2, t, 2, dk, dk // 2, dtype=dtype, n_segments_hint=0.05)
+        fn = functools.partial(gpu_prepare.prepare, interpret=self.INTERPRET, f32_dot=f32_dot)
+        (out, grads), (out_r, grads_r) = (_prepare_and_vjp(f, x, use_seg, chunk) for f in (fn, xla_prepare))
+        errors = {n: rel_rms(a.astype(jnp.float32), b.astype(jnp.float32))
+                  for n, a, b in zip(out_r._fields, out, out_r)}
+        errors.update({f"d{n}": rel_rms(a.astype(jnp.float32), b.astype(jnp.float32))
+                       for n, a, b in zip(("q", "k", "v", "g", "beta"), grads, grads_r)})
+        for name, err in errors.items():
+            assert np.isfinite(err) and err <= TOL[dtype], f"T={t} C={chunk} K={dk} seg={use_seg}: {name} {errors}"
+
+    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", CASES)
+    def test_matches_xla_prepare(self, t, chunk, dk, use_seg, dtype):
+        self._check(t, chunk, dk, use_seg, dtype)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", SLOW_CASES)
+    def test_matches_xla_prepare_more_shapes(self, t, chunk, dk, use_seg, dtype):
+        self._check(t, chunk, dk, use_seg, dtype)
+
+    def test_inverse_is_exact_on_a_hard_chunk(self, f32_dot=None):
+        """Unit decay, beta = 1 and keys that nearly repeat make I + L far from the identity:
+        w, u still match the float64 triangular solve of xla.prepare to float32 accuracy."""
+        x = make_inputs(3, 1, 64, 1, 16, 16)
+        base = jax.random.normal(jax.random.key(4), (16,))
+        k = base + 0.3 * x["k"]
+        x.update(k=k / jnp.linalg.norm(k, axis=-1, keepdims=True), g=jnp.zeros_like(x["g"]),
+                 beta=jnp.ones_like(x["beta"]))
+        kw = dict(scale=0.25, segment_ids=None, chunk_size=64)
+        args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+        got = gpu_prepare.prepare(*args, interpret=self.INTERPRET, f32_dot=f32_dot, **kw)
+        with jax.enable_x64(True):
+            want = xla_prepare(*(a.astype(jnp.float64) for a in args), **kw)
+        assert rel_rms(got.w, want.w) < 1e-4 and rel_rms(got.u, want.u) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+class TestPreparePallasGPU(TestPreparePallas):
+    """The same checks compiled for the GPU (Triton), all shapes."""
+
+    INTERPRET = False
+
+    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", TestPreparePallas.CASES + TestPreparePallas.SLOW_CASES)
+    def test_matches_xla_prepare(self, t, chunk, dk, use_seg, dtype):
+        self._check(t, chunk, dk, use_seg, dtype)
+
+    test_matches_xla_prepare_more_shapes = None
+
+    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", TestPreparePallas.CASES + TestPreparePallas.SLOW_CASES[:3])
+    def test_tf32x3_matches_xla_prepare(self, t, chunk, dk, use_seg, dtype):
+        self._check(t, chunk, dk, use_seg, dtype, f32_dot="tf32x3")
+
+    def test_tf32x3_inverse_on_a_hard_chunk(self):
+        self.test_inverse_is_exact_on_a_hard_chunk(f32_dot="tf32x3")
+
+
+# --------------------------------------------------------------------- lowering
+def test_gpu_prepare_tf32x3_lowers_with_triton():
+    """The chunk-local kernels with TF32x3 float32 dots (the faster option) lower too."""
+    shapes = [(2, 100, 2, 64), (2, 100, 2, 64), (2, 100, 2, 64), (2, 100, 2), (2, 100, 2)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+
+    def f(*a):
+        def loss(*a):
+            x = gpu_prepare.prepare(*a, scale=0.125, segment_ids=None, chunk_size=64, f32_dot="tf32x3")
+            return sum(jnp.sum(y.astype(jnp.float32)) for y in x)
+        return jax.value_and_grad(loss, argnums=tuple(range(5)))(*a)
+
+    disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    module = jax.export.export(jax.jit(f), platforms=("cuda",), disabled_checks=disabled)(*args).mlir_module()
+    assert 'name = "gdn_prepare_fwd"' in module and 'name = "gdn_prepare_bwd"' in module
+
+
+def _export_grad(backend, platform, dtype, dk=128, dv=128, use_seg=False, value=False, prepare_impl="xla"):
+    """Export (loss and) gradients of the Pallas form on ShapeDtypeStructs, lowered for `platform`."""
+    b, t, h = 1, 200, 2
+
+    def grads(q, k, v, g, beta, h0, seg):
         def loss(*a):
             o, s = chunk_gated_delta_rule_pallas(*a[:5], initial_state=a[5], output_final_state=True,
-                                                 chunk_size=64, interpret=False, backend=backend)
+                                                 segment_ids=seg if use_seg else None, chunk_size=64,
+                                                 interpret=False, backend=backend, prepare_impl=prepare_impl)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-        return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, g, beta, h0)
+        return (jax.value_and_grad if value else jax.grad)(loss, argnums=tuple(range(6)))(q, k, v, g, beta, h0)
 
     shapes = [(b, t, h, dk), (b, t, h, dk), (b, t, h, dv), (b, t, h), (b, t, h)]
-    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes] + [jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    args += [jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32), jax.ShapeDtypeStruct((b, t), jnp.int32)]
     disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if backend == "gpu" else []
     return jax.export.export(jax.jit(grads), platforms=(platform,), disabled_checks=disabled)(*args)
 
@@ -259,6 +375,24 @@ def test_tpu_kernels_lower_with_mosaic(dtype):
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
-def test_gpu_kernels_lower_with_triton():
-    exported = _export_grad("gpu", "cuda", jnp.bfloat16)
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+@pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False)])
+def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
+    """All four GDN GPU kernels (chunk-local prepare and its reverse, recurrence and its
+    reverse) lower to Triton for CUDA on this CPU-only machine."""
+    module = _export_grad("gpu", "cuda", dtype, dk=dk, dv=dv, use_seg=use_seg, value=True,
+                          prepare_impl="pallas").mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") >= 5  # the recurrence runs twice in the backward pass
+    for name in ("gdn_prepare_fwd", "gdn_prepare_bwd", "gdn_chunk_fwd", "gdn_chunk_bwd"):
+        assert f'name = "{name}"' in module, name
+
+
+@pytest.mark.parametrize("c", [1, 3, 16, 63, 64])
+def test_unit_lower_inverse_matches_numpy_float64(c):
+    """The doubling inverse inside xla.prepare is exact (float64), any C (padded inside)."""
+    from pallas_kernels.gated_delta_rule.xla import unit_lower_inverse
+
+    rng = np.random.default_rng(c)
+    a = np.tril(rng.normal(size=(2, 3, c, c)) * 0.3, -1) + np.eye(c)
+    with jax.enable_x64(True):
+        got = np.asarray(unit_lower_inverse(jnp.asarray(a)))
+    np.testing.assert_allclose(got, np.linalg.inv(a), rtol=0, atol=1e-12)

@@ -103,14 +103,75 @@ def test_xla_matches_reference(x64, case, chunk):
     check_against_reference(ssd_xla, case, chunk_size=chunk)
 
 
-@pytest.mark.parametrize("case,chunk", CASES[1:4])
+# More shapes for the chunk-parallel GPU kernels: neither initial state nor segments, and
+# chunk 128 (two 64-row tiles per chunk).
+GPU_CASES = CASES[:4] + [
+    ((1, 130, 4, 16, 2, 32, False, False), 32),
+    ((1, 300, 2, 16, 1, 32, True, True), 128),
+]
+
+
+@pytest.mark.parametrize("case,chunk", GPU_CASES)
 def test_pallas_gpu_kernel_interpret(x64, case, chunk):
     check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, platform="gpu")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,chunk", [CASES[0], CASES[4]])
-def test_pallas_gpu_kernel_interpret_long(x64, case, chunk):
+@pytest.mark.parametrize("case,chunk", [GPU_CASES[1], GPU_CASES[5]])
+def test_pallas_gpu_kernel_interpret_bf16(x64, case, chunk):
+    check_against_reference(ssd_pallas, case, dtype=jnp.bfloat16, tol=2e-2, chunk_size=chunk,
+                            interpret=True, platform="gpu")
+
+
+@pytest.mark.parametrize("case,chunk,dtype", [
+    (CASES[1][0], 32, jnp.float32),
+    (CASES[3][0], 64, jnp.float32),
+    (GPU_CASES[5][0], 128, jnp.bfloat16),
+])
+def test_pallas_gpu_kernel_interpret_tiles(x64, monkeypatch, case, chunk, dtype):
+    """Chunks of several 16-row tiles: the kernels' loops over the tiles of a chunk."""
+    from pallas_kernels.ssd import gpu
+
+    monkeypatch.setitem(gpu.BLOCKS, "tile", 16)
+    tol = 5e-3 if dtype == jnp.float32 else 2e-2
+    check_against_reference(ssd_pallas, case, dtype=dtype, tol=tol, chunk_size=chunk,
+                            interpret=True, platform="gpu")
+
+
+def test_gpu_state_stages_interpret():
+    """The state stages of the GPU path on their own: chunk_states (bf16 products, and the
+    hi + lo split) against an einsum, state_pass both ways against a Python loop."""
+    from pallas_kernels.ssd import gpu
+
+    rng = np.random.default_rng(5)
+    b, h, g, p, n, L, nc = 1, 4, 2, 16, 32, 32, 3
+    v = jnp.asarray(rng.standard_normal((b, nc * L, h, p)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((b, nc * L, g, n)), jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(0.0, 1.0, (b, h, nc * L)), jnp.float32)
+    kh = jnp.repeat(k.astype(jnp.float32), h // g, axis=2).reshape(b, nc, L, h, n)
+    vw = v.astype(jnp.float32) * jnp.swapaxes(w, 1, 2)[..., None]
+    want = jnp.einsum("bclhp,bclhn->bhcpn", vw.reshape(b, nc, L, h, p), kh,
+                      precision=jax.lax.Precision.HIGHEST)
+    fine = gpu.chunk_states(v, k, w, chunk_size=L, tile=16, fine=True, interpret=True)
+    coarse = gpu.chunk_states(v, k, w, chunk_size=L, tile=16, interpret=True)
+    assert rel_rms(fine, want) < 1e-5 < rel_rms(coarse, want) < 5e-3
+
+    s = jnp.asarray(rng.standard_normal((b, h, nc, p, n)), jnp.float32)
+    carry = jnp.asarray(rng.uniform(0.0, 1.0, (b, h, nc)), jnp.float32)
+    h0 = jnp.asarray(rng.standard_normal((b, h, p, n)), jnp.float32)
+    for reverse in (False, True):
+        met, final = gpu.state_pass(s, carry, h0, out_dtype=jnp.float32, reverse=reverse,
+                                    interpret=True)
+        state, want = h0, [None] * nc
+        for c in (reversed(range(nc)) if reverse else range(nc)):
+            want[c] = state
+            state = carry[:, :, c, None, None] * state + s[:, :, c]
+        assert rel_rms(met, jnp.stack(want, axis=2)) < 1e-6 and rel_rms(final, state) < 1e-6
+
+
+@pytest.mark.slow
+def test_pallas_gpu_kernel_interpret_long(x64):
+    case, chunk = CASES[4]
     check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, platform="gpu")
 
 
@@ -126,9 +187,9 @@ def test_bf16(x64):
 
 
 def test_bf16_decay_gradient_long_sequence(x64):
-    """dA comes from a difference of two long sums; it cancels only if the backward's
-    anti-causal runs use the forward's chunks (T = 300 is not a multiple of 64).
-    Misaligned chunks gave rel-RMS 8.6e-2 here; the XLA autodiff form gives 1.4e-2."""
+    """dA in bf16 over several chunks. The GPU kernels sum it per chunk from terms that do
+    not cancel (7.4e-3 here); a reverse cumsum over the sequence of do.o - dv.v, with the
+    backward's chunks misaligned, gave 8.6e-2, and the XLA autodiff form gives 1.4e-2."""
     check_against_reference(ssd_pallas, (1, 300, 2, 32, 1, 64, True, True), dtype=jnp.bfloat16,
                             tol=2e-2, chunk_size=64, interpret=True, platform="gpu")
 
@@ -190,7 +251,8 @@ def test_bad_inputs_raise_clear_errors():
         ssd(x, dt, A, B, B, impl="pallas", chunk_size=24, interpret=True)
 
 
-def _export_fwd_bwd(platform, platforms, seg):
+def _export_fwd_bwd(platform, platforms, seg, chunk=64):
+    """MLIR of jit(value_and_grad) of the Pallas path, exported for `platforms` on this CPU."""
     b, t, h, p, g, n = 1, 130, 4, 64, 2, 128
     S = lambda *s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)
     f32 = jnp.float32
@@ -198,10 +260,10 @@ def _export_fwd_bwd(platform, platforms, seg):
     def fwd_bwd(x, dt, A, B, C, h0, ids):
         def loss(x, dt, A, B, C, h0):
             y, s = ssd_pallas(x, dt, A, B, C, initial_state=h0, output_final_state=True,
-                              segment_ids=ids if seg else None, chunk_size=64, interpret=False,
+                              segment_ids=ids if seg else None, chunk_size=chunk, interpret=False,
                               platform=platform)
             return jnp.sum(y.astype(f32)) + jnp.sum(s)
-        return jax.grad(loss, argnums=range(6))(x, dt, A, B, C, h0)
+        return jax.value_and_grad(loss, argnums=range(6))(x, dt, A, B, C, h0)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     exported = jax.export.export(jax.jit(fwd_bwd), platforms=platforms, disabled_checks=checks)(
@@ -216,9 +278,18 @@ def test_tpu_kernel_lowers(seg):
     assert "tpu_custom_call" in _export_fwd_bwd("tpu", ("tpu",), seg)
 
 
-def test_gpu_kernel_lowers():
-    """The Triton kernel lowers for CUDA on CPU (catches Triton lowering errors early)."""
-    assert "xla.gpu.triton" in _export_fwd_bwd("gpu", ("cuda",), True)
+GPU_KERNELS = ("ssd_chunk_states", "ssd_state_pass", "ssd_state_pass_rev", "ssd_chunk_outputs",
+               "ssd_chunk_grads")
+
+
+@pytest.mark.parametrize("seg,chunk", [(True, 64), (False, 256)])
+def test_gpu_kernels_lower(seg, chunk):
+    """Each Triton kernel of the forward and backward lowers for CUDA on CPU (lowering to the
+    Triton dialect happens in Python, so this catches Triton lowering errors early)."""
+    mlir = _export_fwd_bwd("gpu", ("cuda",), seg, chunk)
+    assert "xla.gpu.triton" in mlir
+    missing = [k for k in GPU_KERNELS if k not in mlir]
+    assert not missing, f"kernels not in the exported module: {missing}"
 
 
 def _has_gpu():
@@ -230,7 +301,8 @@ def _has_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case,chunk", CASES[1:] + [((2, 300, 4, 64, 2, 128, True, True), 64)])
+@pytest.mark.parametrize("case,chunk", CASES[1:] + [((2, 300, 4, 64, 2, 128, True, True), 64),
+                                                    ((2, 600, 4, 64, 2, 128, True, True), 256)])
 def test_pallas_gpu_compiled(x64, case, chunk):
     check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=False, platform="gpu")
 
@@ -238,5 +310,6 @@ def test_pallas_gpu_compiled(x64, case, chunk):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 def test_pallas_gpu_compiled_bf16(x64):
-    check_against_reference(ssd_pallas, (2, 300, 4, 64, 2, 128, True, True), dtype=jnp.bfloat16,
-                            tol=2e-2, chunk_size=64, interpret=False, platform="gpu")
+    for chunk in (64, 256):
+        check_against_reference(ssd_pallas, (2, 300, 4, 64, 2, 128, True, True), dtype=jnp.bfloat16,
+                                tol=2e-2, chunk_size=chunk, interpret=False, platform="gpu")

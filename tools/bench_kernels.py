@@ -1,7 +1,11 @@
 """Benchmark the linear-recurrence kernels on one accelerator.
 
     python tools/bench_kernels.py --op gdn [--batch 1 4] [--seqlen 2048 8192 32768 65536]
-        [--heads 32 --dk 64 --dv 64] [--time-budget 300] [--json out.json] [--no-fla]
+        [--heads 32 --dk 64 --dv 64] [--time-budget 300] [--json out.json] [--markdown rows.md]
+        [--no-fla] [--no-check]
+
+The issue's reference shape (B, T, H, D) = (1, 16384, 16, 128) is
+`--batch 1 --seqlen 16384 --heads 16 --dk 128 --dv 128`.
 
 Prints one row per (impl, pass, B, T): median time, TFLOP/s under the FLOP model
 stated in each section, and the fraction of the roofline floor max(flops / peak
@@ -9,8 +13,9 @@ matmul rate, minimum bytes / copy bandwidth) that was reached, with both peaks
 measured on the device at start (a large bf16 matmul and a large copy).
 
 Sections: "gdn" (pallas_kernels.gated_delta_rule: our Pallas and XLA forms and, if
-importable, flash-linear-attention's Triton chunk_gated_delta_rule) and a place for
-"ssd" below.
+importable, flash-linear-attention's Triton chunk_gated_delta_rule) and "ssd". Rows are
+printed, appended to --markdown and the JSON rewritten as they come, so a run cut short
+by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -56,14 +61,31 @@ def measure_peaks():
     return flops, bw
 
 
+# Where rows go besides stdout (set in main): a markdown file, the JSON report, and the
+# current problem's (H, K, V), written into each row.
+_SINK = dict(markdown=None, json=None, report=None, dims=None)
+
+
+def _flush_report():
+    if _SINK["json"] and _SINK["report"] is not None:
+        with open(_SINK["json"], "w") as f:
+            json.dump(_SINK["report"], f, indent=1)
+
+
 def row(results, peaks, name, mode, b, t, seconds, flops, nbytes, extra=""):
     peak_flops, peak_bw = peaks
     floor = max(flops / peak_flops, nbytes / peak_bw)
-    rec = dict(impl=name, mode=mode, B=b, T=t, ms=seconds * 1e3, tflops=flops / seconds / 1e12,
+    h, dk, dv = _SINK["dims"] or (None, None, None)
+    rec = dict(impl=name, mode=mode, B=b, T=t, H=h, K=dk, V=dv, ms=seconds * 1e3, tflops=flops / seconds / 1e12,
                roofline_fraction=floor / seconds, note=extra)
     results.append(rec)
-    print(f"{name:8s} {mode:8s} B={b} T={t:6d} {rec['ms']:9.3f} ms {rec['tflops']:7.2f} TFLOP/s "
-          f"roofline {rec['roofline_fraction']:6.1%} {extra}", flush=True)
+    print(f"{name:10s} {mode:8s} B={b} T={t:6d} H={h} K={dk} V={dv} {rec['ms']:9.3f} ms {rec['tflops']:7.2f} "
+          f"TFLOP/s roofline {rec['roofline_fraction']:6.1%} {extra}", flush=True)
+    if _SINK["markdown"]:
+        with open(_SINK["markdown"], "a") as f:
+            f.write(f"| {name} | {mode} | {b} | {t} | {h} | {dk} | {dv} | {rec['ms']:.3f} ms | {rec['tflops']:.2f} | "
+                    f"{rec['roofline_fraction']:.1%} |\n")
+    _flush_report()
 
 
 # -------------------------------------------------------------- gated delta rule
@@ -188,6 +210,41 @@ def check_ours(h=4, dk=64, dv=64, t=1000):
     return errs
 
 
+def _prepare_fns(scale, chunk):
+    """{name: (jit fwd, jit fwd+bwd)} of the chunk-local preparation alone: "prepare-xla"
+    (xla.prepare, what impl="pallas" runs by default) and, on GPU, the `gpu_prepare` kernels
+    with exact float32 dots ("prepare-pallas") and with TF32x3 ones ("prepare-pallas-tf32x3")."""
+    from pallas_kernels.gated_delta_rule import gpu_prepare
+    from pallas_kernels.gated_delta_rule.xla import prepare
+
+    kw = dict(scale=scale, segment_ids=None, chunk_size=chunk)
+
+    def fns_of(fn):
+        def fwd_bwd(*a):
+            out, vjp = jax.vjp(lambda *x: fn(*x, **kw), *a)
+            return vjp(out)  # the outputs themselves as cotangents: same shapes, no extra inputs
+
+        return jax.jit(lambda *a: fn(*a, **kw)), jax.jit(fwd_bwd)
+
+    fns = {"prepare-xla": fns_of(prepare)}
+    if jax.default_backend() == "gpu":
+        tf32x3 = lambda *a, **k: gpu_prepare.prepare(*a, f32_dot="tf32x3", **k)
+        fns.update({"prepare-pallas": fns_of(gpu_prepare.prepare), "prepare-pallas-tf32x3": fns_of(tf32x3)})
+    return fns
+
+
+def _compare_prepare(prep_fns, args, report, key):
+    """rel-RMS of each prepare variant's outputs vs xla.prepare's."""
+    base = prep_fns["prepare-xla"][0](*args)
+    errs = {}
+    for name, (pf, _) in prep_fns.items():
+        if name != "prepare-xla":
+            errs[name] = {f: rel_rms(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                          for f, a, b in zip(base._fields, pf(*args), base)}
+    report[key] = errs
+    print(f"{key}: {json.dumps(errs)}", flush=True)
+
+
 def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     """Sweep the Triton launch parameters of our GPU kernels; keep the fastest fwd+bwd."""
     from pallas_kernels.gated_delta_rule import gpu
@@ -217,14 +274,20 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
 def bench_gdn(args, peaks, results, report):
     chunk = 64
     h, dk, dv = args.heads, args.dk, args.dv
+    _SINK["dims"] = (h, dk, dv)
     fla_fn = None if args.no_fla else _fla()
-    report["gdn_ours_check"] = check_ours()
+    # Checks at the benchmark's H, K, V, so fla's autotuning there serves the timings too.
+    if not args.no_check:
+        report["gdn_ours_check"] = check_ours(h, dk, dv)
+        _flush_report()
     if fla_fn is not None:
-        report["gdn_fla_check"] = check_fla_gradients(fla_fn)
+        report["gdn_fla_check"] = check_fla_gradients(fla_fn, h, dk, dv)
+        _flush_report()
     if args.tune and "pallas" in args.impls:
         tune_gdn_gpu(args, chunk, report)
     start = time.perf_counter()
     fns = {impl: _jax_fns(impl, chunk) for impl in args.impls}
+    prep_fns = _prepare_fns(dk**-0.5, chunk) if "pallas" in fns else {}
     for b in args.batch:
         for t in args.seqlen:
             if time.perf_counter() - start > args.time_budget:
@@ -243,18 +306,27 @@ def bench_gdn(args, peaks, results, report):
                         o, s = fwd(q, k, v, g, beta)
                         grads = fwd_bwd(q, k, v, g, beta, do)
                         finite = bool(all(jnp.isfinite(x.astype(jnp.float32)).all() for x in (o, s, *grads)))
-                        report[f"finite_pallas_B{b}_T{t}"] = finite
+                        report[f"finite_pallas_B{b}_T{t}_H{h}_K{dk}"] = finite
                         print(f"pallas B={b} T={t} bf16: o, final state and all grads finite = {finite}", flush=True)
+                        _flush_report()
                 except Exception as e:  # noqa: BLE001 - report and go on with the next config
                     print(f"{impl} B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            if "pallas" in fns:
-                # The chunk-local preparation alone (plain XLA in both our forms), to show where time goes.
-                from pallas_kernels.gated_delta_rule.xla import prepare
-
-                prep = jax.jit(lambda *a: prepare(*a, scale=dk**-0.5, segment_ids=None, chunk_size=chunk))
-                prep_flops = 2 * b * t * h * (2 * chunk * dk + chunk * (dk + dv) // 2)
-                prep_bytes = b * t * h * 2 * (2 * dk + dv + 2 + 3 * dk + dv + chunk)
-                row(results, peaks, "prepare", "fwd", b, t, median_time(prep, q, k, v, g, beta), prep_flops, prep_bytes)
+            # The chunk-local preparation alone, to show where the time goes.
+            prep_flops = 2 * b * t * h * (2 * chunk * dk + chunk * (dk + dv) // 2)
+            prep_bytes = b * t * h * 2 * (2 * dk + dv + 2 + 3 * dk + dv + chunk)
+            for name, (pf, pfb) in prep_fns.items():
+                try:
+                    row(results, peaks, name, "fwd", b, t, median_time(pf, q, k, v, g, beta), prep_flops, prep_bytes)
+                    row(results, peaks, name, "fwd+bwd", b, t, median_time(pfb, q, k, v, g, beta), 3 * prep_flops,
+                        3 * prep_bytes)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name} B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            if len(prep_fns) > 1:
+                try:
+                    _compare_prepare(prep_fns, (q, k, v, g, beta), report, f"prepare_vs_xla_B{b}_T{t}_H{h}_K{dk}")
+                    _flush_report()
+                except Exception as e:  # noqa: BLE001
+                    print(f"prepare comparison failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if fla_fn is not None:
                 import torch
                 import triton
@@ -434,6 +506,8 @@ def main():
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--impls", nargs="+", default=["pallas", "xla"])
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the accuracy check of our Pallas form")
+    p.add_argument("--markdown", default=None, help="append one table row per measurement to this file")
     p.add_argument("--tune", action="store_true", help="sweep our GPU kernel's launch parameters first")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds; later configs are skipped")
     p.add_argument("--json", default=None)
@@ -443,12 +517,11 @@ def main():
     report = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "peak_bf16_tflops": peaks[0] / 1e12, "copy_gbps": peaks[1] / 1e9}
     print(json.dumps(report), flush=True)
-    results = []
+    results = report["results"] = []
+    _SINK.update(markdown=args.markdown, json=args.json, report=report)
+    _flush_report()
     SECTIONS[args.op](args, peaks, results, report)
-    report["results"] = results
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    _flush_report()
 
 
 if __name__ == "__main__":

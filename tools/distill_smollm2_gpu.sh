@@ -7,11 +7,11 @@
 # /tmp/hylo_student, the run resumes from /tmp/hylo_distill/checkpoints, and compiled
 # programs come from the persistent cache in /tmp/jax_cache. DISTILL_TIMEOUT (s) bounds
 # one call (SIGTERM writes a checkpoint first). Missing Python packages may be given as
-# wheels in $HYLO_WHEELS (installed to /tmp/site).
+# wheels in $HYLO_WHEELS (installed to /tmp/site, which later calls find again).
 set -uo pipefail
 teacher=$1; out=$2; shift 2
 mkdir -p "$out"
-if [ -n "${HYLO_WHEELS:-}" ] && [ ! -d /tmp/site ]; then
+if [ -n "${HYLO_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$HYLO_WHEELS"/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -25,13 +25,13 @@ if [ ! -f /tmp/hylo_student/config.json ]; then
   # the report's perplexities are in that section too.
   python3 -m hylo_jax.convert --config.source="$teacher" --config.output_dir=/tmp/hylo_student \
     --config.overwrite=true --config.student.mla_layers=0,1,2,8,11,16,20,24 --config.student.eval_windows=0 \
-    2>&1 | grep -v "it/s\]\|tensor/s\]" > "$out/convert.log"
+    2>&1 | grep --line-buffered -v "it/s\]\|tensor/s\]" > "$out/convert.log"
   echo "convert: $(( $(date +%s) - t0 )) s, rc ${PIPESTATUS[0]}"; tail -5 "$out/convert.log"
 fi
 # Bounded, so the logs and metrics below are copied out even if the run is cut short.
 timeout "${DISTILL_TIMEOUT:-540}" python3 -m hylo_jax.distill --config=configs/distill_smollm2_gpu.py \
   --config.teacher="$teacher" --config.student=/tmp/hylo_student "$@" 2>&1 \
-  | grep -v "it/s\]\|tensor/s\]" | tee -a /tmp/hylo_distill.log
+  | grep --line-buffered -v "it/s\]\|tensor/s\]" | tee -a /tmp/hylo_distill.log
 echo "total: $(( $(date +%s) - t0 )) s"
 cp /tmp/hylo_distill.log "$out/distill_all.log"
 cp /tmp/hylo_distill/metrics.jsonl /tmp/hylo_distill/summary.json /tmp/hylo_distill/loss_curves.png "$out/" 2>/dev/null

@@ -542,7 +542,7 @@ def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
         log.info("eval %-14s %s", name, "  ".join(f"{k}={v:.4g}" for k, v in res.items()))
 
     if resume_step == 0:
-        evaluate("teacher", teacher, with_teacher=False)
+        evaluate("teacher", teacher, with_teacher=False, with_passkey=cfg.eval.passkey_teacher)
         evaluate(
             "student_init", nnx.merge(_graphdef_for(base_config, dtype, param_dtype), params, rest),
             with_passkey=cfg.eval.passkey_at_init,
@@ -559,6 +559,8 @@ def _run_stages(cfg, stages, mesh, sink, ckpt, make_data, evaluator, on_step,
         config = student_config_for_stage(base_config, stage)
         base_config = config  # a stage's RoPE scaling stays for the stages after it
         if resume_step >= ends[si]:  # finished before the restart
+            if si == len(stages) - 1:  # the whole run was: measure the final student again
+                evaluate(f"after_{stage.name}", nnx.merge(_graphdef_for(config, dtype, param_dtype), params, rest))
             continue
         graphdef = _graphdef_for(config, dtype, param_dtype)
         stepfn = build_step(stage, graphdef, teacher_graphdef, params, rest, teacher_state, mesh, cfg.optimizer)

@@ -3,8 +3,8 @@ gated delta rule: the state recurrence across chunks and its reverse.
 
 One program per (batch*head, block of V columns) walks all chunks in order with the
 [K, BV] state in registers; columns of V never mix, so splitting V gives more
-programs, at the cost of each one re-reading the chunk's K-side tiles. The chunk-local matrices (w, u, qg, Aqk, kg, decay) come
-from `xla.prepare`. Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
+programs, at the cost of each one re-reading the chunk's K-side tiles. The chunk-local
+matrices (w, u, qg, Aqk, kg, decay) come from `gpu_prepare` (or `xla.prepare`). Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
 on register tiles, which Triton schedules well and which runs unchanged in

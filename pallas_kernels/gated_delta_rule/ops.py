@@ -5,12 +5,14 @@ impl="reference" runs the per-step scan, "xla" the chunked pure-JAX form
 inter-chunk recurrence in a Pallas kernel (Triton on GPU, Mosaic on TPU; interpret
 mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
 
-In the Pallas form only the sequential recurrence is a kernel with a custom VJP; the
-chunk-local parts around it (`xla.prepare`, parallel over chunks) stay plain JAX and
-are differentiated by autodiff. The backward pass does not keep the per-chunk states
-from the forward pass: it recomputes them with the forward kernel, walks the chunks
-backwards in the backward kernel, and then forms the remaining gradients with
-batched matrix products over all chunks at once.
+In the Pallas form the sequential recurrence is a kernel with a custom VJP. The
+chunk-local part before it (w, u, qg, Aqk, kg per chunk) is plain JAX (`xla.prepare`,
+differentiated by autodiff) by default; on GPU, `prepare_impl="pallas"` runs it in the
+`gpu_prepare` kernels instead (forward, and a backward that recomputes them), which
+are not yet faster. The backward pass of the recurrence does
+not keep the per-chunk states from the forward pass: it recomputes them with the
+forward kernel, walks the chunks backwards in the backward kernel, and then forms the
+remaining gradients with batched matrix products over all chunks at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import default_interpret
-from pallas_kernels.gated_delta_rule import gpu, tpu
+from pallas_kernels.gated_delta_rule import gpu, gpu_prepare, tpu
 from pallas_kernels.gated_delta_rule.reference import fused_recurrent_gated_delta_rule
 from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, finish, prepare
 
@@ -85,21 +87,29 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
 
 def chunk_gated_delta_rule_pallas(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
-    chunk_size=64, interpret=None, backend=None,
+    chunk_size=64, interpret=None, backend=None, prepare_impl="xla",
 ):
     """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
-    running platform's, and the GPU kernel in interpret mode on CPU."""
+    running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: the
+    chunk-local part in XLA ("xla", the default: measured faster on an H200 so far, see
+    BENCHMARKS.md) or in the `gpu_prepare` kernels ("pallas", GPU backend only)."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
     interpret = default_interpret(interpret)
     if backend is None:
         backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
     if backend not in _KERNELS:
         raise ValueError(f"backend must be one of {tuple(_KERNELS)}, got {backend!r}")
+    if prepare_impl not in ("xla", "pallas") or (prepare_impl == "pallas" and backend != "gpu"):
+        raise ValueError(f"prepare_impl must be 'xla', or 'pallas' on the gpu backend; got {prepare_impl!r} ({backend})")
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     if scale is None:
         scale = dk**-0.5
-    x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+    if prepare_impl == "pallas":
+        x = gpu_prepare.prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
+                                interpret=interpret)
+    else:
+        x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
     n = x.decay.shape[-1]
     flat = lambda a: a.reshape((b * h, n * chunk_size, a.shape[-1]))
     h0 = (

@@ -110,6 +110,40 @@ def chunk_backward_step(ds, do, w, qg, aqk, kg, decay):
     return dv, ds
 
 
+def unit_lower_inverse(a):
+    """Inverse of unit lower-triangular matrices a [..., C, C], by doubling the size of
+    the inverted diagonal blocks: [[X, 0], [A21, Y]]^-1 = [[X^-1, 0], [-Y^-1 A21 X^-1, Y^-1]].
+
+    log2(C) levels of small batched matmuls, exact like a triangular solve. (XLA's CPU
+    triangular solve parallelises its batch on the pool it runs in, which deadlocks on
+    small machines; batched trsm is slow on GPU.)
+    """
+    c = a.shape[-1]
+    p = 1 << (c - 1).bit_length()
+    if p != c:  # pad to a power of two with an identity block
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
+        a = a + jnp.diag(jnp.arange(p) >= c).astype(a.dtype)
+    batch = a.shape[:-2]
+    inv = jnp.ones(batch + (p, 1, 1), a.dtype)  # inverted diagonal blocks of size s
+    s = 1
+    while s < p:
+        m = p // (2 * s)
+        # A's (2i+1, 2i) blocks of size s: [..., m, s, s]
+        pairs = jnp.diagonal(a.reshape(batch + (m, 2, s, m, 2, s)), axis1=-6, axis2=-3)
+        a21 = jnp.moveaxis(pairs[..., 1, :, 0, :, :], -1, -3)
+        x, y = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        z = -_dot_batched(_dot_batched(y, a21), x)
+        top = jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)
+        inv = jnp.concatenate([top, jnp.concatenate([z, y], axis=-1)], axis=-2)
+        s *= 2
+    return inv.reshape(batch + (p, p))[..., :c, :c]
+
+
+def _dot_batched(a, b):
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.matmul(a, b, precision=precision)
+
+
 def _to_chunks(x, n, c):
     """[B, Tp, H, ...] -> [B, H, N, C, ...]."""
     b, _, h = x.shape[:3]
@@ -162,7 +196,7 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
     rhs = jnp.concatenate(
         [(bc * jnp.exp(gcum) * carry_in)[..., None] * kc, bc[..., None] * vc], axis=-1
     )
-    wu = jax.scipy.linalg.solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
+    wu = _dot_batched(unit_lower_inverse(eye + lower), rhs)
     w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
 
     qg = (scale * jnp.exp(gcum) * carry_in)[..., None] * qc

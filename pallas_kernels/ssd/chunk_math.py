@@ -1,9 +1,9 @@
-"""One chunk of the SSD core as it runs inside a Pallas kernel (GPU and TPU share it).
+"""One chunk of the SSD core as it runs inside the Mosaic TPU kernel (tpu.py).
 
 Only 2-D arrays, iota masks, masked sums and matrix products appear, because those
-lower on both Triton/Mosaic GPU and Mosaic TPU. Row vectors [1, L] come in; the
-column form [L, 1] of a cumulative sum is a masked row sum, and a row taken back from
-a column is a masked column sum over the diagonal (no transposes of vectors).
+lower on Mosaic TPU. Row vectors [1, L] come in; the column form [L, 1] of a
+cumulative sum is a masked row sum, and a row taken back from a column is a masked
+column sum over the diagonal (no transposes of vectors).
 The formulas are those of xla.core for one chunk.
 """
 

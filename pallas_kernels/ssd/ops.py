@@ -1,8 +1,16 @@
 """Public SSD (Mamba2) API: `ssd(...)` with impl "auto" | "xla" | "pallas" | "reference".
 
 The Pallas path wraps the core recurrence (o, h_T) = core(v, a, k, q, h0) — with
-q = C, k = B, v = dt x, a = dt A — in a custom_vjp whose backward is three more core
-runs, so no chunk state is ever stored (each run recomputes them on the fly):
+q = C, k = B, v = dt x, a = dt A — in a custom_vjp. Everything outside the core (dt
+bias, softplus, dt x, dt A, D x) is plain JAX and differentiated by autodiff.
+
+GPU (gpu.py): chunk-parallel kernels. Forward: chunk states, a scan over chunks,
+chunk outputs. Backward: the same states recomputed (nothing but the inputs is
+stored), the cotangents' chunk states, a reverse scan over chunks, one gradient
+kernel per chunk. The decays and their cumulative sums are elementwise XLA here.
+
+TPU (tpu.py): one kernel walks the chunks with the state in VMEM; its backward is
+three more runs of that kernel, so no chunk state is ever stored:
 
     dv, dh0 = core run backwards in time on (v <- do, k <- q, q <- k, h0 <- dh_T)
     dq      = core run forwards on (v <- k, k <- v, q <- do, h0 <- h0^T)
@@ -12,8 +20,7 @@ runs, so no chunk state is ever stored (each run recomputes them on the fly):
 The last line holds because exp(a_t) multiplies exactly the (output, source) pairs
 that straddle t; summing "all pairs into outputs at s >= t" minus "all pairs from
 sources at s >= t" leaves those. Backwards in time the log-decays shift by one
-(the decay between s and s+1 belongs to s+1). Everything outside the core (dt bias,
-softplus, dt x, dt A, D x) is plain JAX and differentiated by autodiff.
+(the decay between s and s+1 belongs to s+1).
 """
 
 from __future__ import annotations
@@ -38,32 +45,25 @@ def _pad_last(z, size):
     return z if z.shape[-1] == size else jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, size - z.shape[-1])])
 
 
-def _core_call(v, a, k, q, h0, seg, *, chunk_size, platform, interpret):
-    """Pad to the kernel's shape rules, run one core kernel, slice back.
+# ----------------------------------------------------------------------- TPU path
+def _core_call(v, a, k, q, h0, seg, *, chunk_size, interpret):
+    """Pad time to whole chunks, run the TPU kernel once, slice back.
 
     v [B,T,Hv,P], a [B,T,H] f32, k [B,T,Gk,N], q [B,T,Gq,N] (one dtype), h0 [B,H,P,N] f32,
     seg [B,T] monotone index or None. Returns (o [B,T,H,P] f32, hT [B,H,P,N] f32).
     """
-    b, t, h = a.shape
-    p, n = v.shape[-1], k.shape[-1]
+    from pallas_kernels.ssd.tpu import core_pallas_tpu
+
+    t = a.shape[1]
     L = chunk_size
-    if platform == "gpu":
-        from pallas_kernels.ssd.gpu import core_pallas_gpu as kernel
-        # Triton: power-of-two blocks, matrix dims >= 16; zero padding changes nothing.
-        pp, npad = _next_pow2(p), _next_pow2(n)
-    else:
-        from pallas_kernels.ssd.tpu import core_pallas_tpu as kernel
-        pp, npad = p, n
-    v = _pad_last(pad_time(v, L), pp)
-    k, q = (_pad_last(pad_time(z, L), npad) for z in (k, q))
+    v, k, q = (pad_time(z, L) for z in (v, k, q))
     a = jnp.swapaxes(pad_time(a, L), 1, 2)  # [B, H, Tp]
-    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp - p), (0, npad - n)))
     s = sp = None
     if seg is not None:
         s = pad_segments(seg, L).astype(jnp.float32)
         sp = jnp.concatenate([s[:, :1], s[:, :-1]], axis=1)  # index of the previous token
-    o, hT = kernel(v, a, k, q, h0, s, sp, chunk_size=L, interpret=interpret)
-    return o[:, :t, :, :p], hT[:, :, :p, :n]
+    o, hT = core_pallas_tpu(v, a, k, q, h0, s, sp, chunk_size=L, interpret=interpret)
+    return o[:, :t], hT
 
 
 def _core_call_reversed(v, a, k, q, h0, seg, *, chunk_size, **kw):
@@ -92,22 +92,21 @@ def _repeat_groups(z, h):
     return z if z.shape[2] == h else jnp.repeat(z, h // z.shape[2], axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _core(v, a, k, q, h0, seg, chunk_size, platform, interpret):
-    return _core_call(v, a, k, q, h0, seg, chunk_size=chunk_size, platform=platform,
-                      interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _core(v, a, k, q, h0, seg, chunk_size, interpret):
+    return _core_call(v, a, k, q, h0, seg, chunk_size=chunk_size, interpret=interpret)
 
 
-def _core_fwd(v, a, k, q, h0, seg, chunk_size, platform, interpret):
-    o, hT = _core(v, a, k, q, h0, seg, chunk_size, platform, interpret)
+def _core_fwd(v, a, k, q, h0, seg, chunk_size, interpret):
+    o, hT = _core(v, a, k, q, h0, seg, chunk_size, interpret)
     return (o, hT), (v, a, k, q, h0, seg, o, hT)
 
 
-def _core_bwd(chunk_size, platform, interpret, res, cts):
+def _core_bwd(chunk_size, interpret, res, cts):
     v, a, k, q, h0, seg, o, hT = res
     do, dhT = cts
     h = a.shape[2]
-    kw = dict(chunk_size=chunk_size, platform=platform, interpret=interpret)
+    kw = dict(chunk_size=chunk_size, interpret=interpret)
     do_c = do.astype(v.dtype)
     dv_h, dh0 = _core_call_reversed(do_c, a, q, k, dhT, seg, **kw)
     dh0 = jnp.exp(a[:, 0])[:, :, None, None] * dh0
@@ -124,6 +123,100 @@ def _core_bwd(chunk_size, platform, interpret, res, cts):
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------- GPU path
+def _decay_rows(a, seg, L):
+    """a [B,T,H] log-decays -> the per-token float32 rows of the GPU kernels, time padded:
+    cs (in-chunk cumulative sum), ein = e^cs on the entering state's segment,
+    eout = e^{cs_L - cs} on the chunk's last segment, all [B,H,Tp]; carry [B,H,nc], the
+    decay of the whole chunk (0 where a segment starts inside it); s [B,Tp] f32 or None."""
+    b, t, h = a.shape
+    a = pad_time(a, L)
+    tp = a.shape[1]
+    nc = tp // L
+    cs = jnp.cumsum(a.reshape(b, nc, L, h), axis=2)
+    ein = jnp.exp(cs)
+    eout = jnp.exp(cs[:, :, -1:] - cs)
+    s = None
+    if seg is not None:
+        s = pad_segments(seg, L).reshape(b, nc, L)
+        s_prev = jnp.concatenate([s[:, :1, :1], s[:, :-1, -1:]], axis=1)  # index entering chunk
+        ein = ein * (s == s_prev)[..., None]
+        eout = eout * (s == s[..., -1:])[..., None]
+        s = s.reshape(b, tp).astype(jnp.float32)
+    rows = lambda z: jnp.swapaxes(z.reshape(b, tp, h), 1, 2)
+    cs, ein, eout = rows(cs), rows(ein), rows(eout)
+    return cs, ein, eout, ein[:, :, L - 1::L], s
+
+
+def _gpu_operands(v, a, k, q, h0, seg, L):
+    """Pad time to whole chunks and P, N to Triton's power-of-two dims (zeros change nothing)."""
+    pp, npad = _next_pow2(v.shape[-1]), _next_pow2(k.shape[-1])
+    v = _pad_last(pad_time(v, L), pp)
+    k, q = (_pad_last(pad_time(z, L), npad) for z in (k, q))
+    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp - h0.shape[2]), (0, npad - h0.shape[3])))
+    return v, k, q, h0, _decay_rows(a, seg, L)
+
+
+def _gpu_states(v, k, h0, rows, L, out_dtype, interpret):
+    """(state entering each chunk [B,H,nc,P,N] in out_dtype, final state f32)."""
+    from pallas_kernels.ssd import gpu
+
+    cs, ein, eout, carry, s = rows
+    local = gpu.chunk_states(v, k, eout, chunk_size=L, tile=gpu.BLOCKS["tile"], interpret=interpret)
+    return gpu.state_pass(local, carry, h0, out_dtype=out_dtype, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret):
+    """The core on the GPU kernels: arguments as _core_call with v per head and one grouping
+    of q and k; o and the final state in float32."""
+    from pallas_kernels.ssd import gpu
+
+    t, p, n = a.shape[1], v.shape[-1], k.shape[-1]
+    v, k, q, h0, rows = _gpu_operands(v, a, k, q, h0, seg, chunk_size)
+    h_in, hT = _gpu_states(v, k, h0, rows, chunk_size, q.dtype, interpret)
+    cs, ein, _, _, s = rows
+    o = gpu.chunk_outputs(v, k, q, cs, ein, h_in, s, chunk_size=chunk_size, tile=gpu.BLOCKS["tile"],
+                          interpret=interpret)
+    return o[:, :t, :, :p], hT[:, :, :p, :n]
+
+
+def _core_gpu_fwd(v, a, k, q, h0, seg, chunk_size, interpret):
+    return _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret), (v, a, k, q, h0, seg)
+
+
+def _core_gpu_bwd(chunk_size, interpret, res, cts):
+    from pallas_kernels.ssd import gpu
+
+    v, a, k, q, h0, seg = res
+    do, dhT = cts
+    L = chunk_size
+    t, p, n = a.shape[1], v.shape[-1], k.shape[-1]
+    vp, kp, qp, h0p, rows = _gpu_operands(v, a, k, q, h0, seg, L)
+    cs, ein, eout, carry, s = rows
+    # States in float32 here: they enter da through sums that bf16 would bias (see gpu.py).
+    h_in, _ = _gpu_states(vp, kp, h0p, rows, L, jnp.float32, interpret)
+    do_p = _pad_last(pad_time(do.astype(v.dtype), L), vp.shape[-1])
+    dhT_p = jnp.pad(dhT, ((0, 0), (0, 0), (0, vp.shape[-1] - p), (0, kp.shape[-1] - n)))
+    # Each chunk's gradient of its entering state, then the reverse scan: g_out[c] is the
+    # gradient of the state leaving chunk c, the scan's end the gradient of h0.
+    tile = gpu.BLOCKS["tile"]
+    local = gpu.chunk_states(do_p, qp, ein, chunk_size=L, tile=tile, fine=True, interpret=interpret)
+    g_out, dh0 = gpu.state_pass(local, carry, dhT_p, out_dtype=jnp.float32, reverse=True,
+                                interpret=interpret)
+    dv, dk, dq, into, out_of = gpu.chunk_grads(vp, kp, qp, do_p, cs, ein, eout, h_in, g_out, s,
+                                               chunk_size=L, tile=tile, interpret=interpret)
+    b, h, tp = into.shape
+    into, out_of = into.reshape(b, h, tp // L, L), out_of.reshape(b, h, tp // L, L)
+    da = jax.lax.cumsum(into, axis=3, reverse=True) + jnp.cumsum(out_of, axis=3) - out_of
+    dv, dk, dq = dv[:, :t, :, :p], dk[:, :t, :, :n], dq[:, :t, :, :n]
+    da = jnp.swapaxes(da.reshape(b, h, tp)[:, :, :t], 1, 2)
+    return dv, da, dk, dq, dh0[:, :, :p, :n], None
+
+
+_core_gpu.defvjp(_core_gpu_fwd, _core_gpu_bwd)
 
 
 def ssd_pallas(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
@@ -151,8 +244,11 @@ def ssd_pallas(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
     h0 = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
     seg = None if segment_ids is None else segment_index(segment_ids)
-    o, final = _core(u, a, B.astype(x.dtype), C.astype(x.dtype), h0, seg, chunk_size, platform,
-                     interpret)
+    Bc, Cc = B.astype(x.dtype), C.astype(x.dtype)
+    if platform == "gpu":
+        o, final = _core_gpu(u, a, Bc, Cc, h0, seg, chunk_size, interpret)
+    else:
+        o, final = _core(u, a, Bc, Cc, h0, seg, chunk_size, interpret)
     if D is not None:
         o = o + D.astype(jnp.float32)[None, None, :, None] * x.astype(jnp.float32)
     if initial_state is not None:
@@ -165,9 +261,10 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_stat
     """SSD (Mamba2) scan. See DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
 
     impl "auto": the fastest measured form for the platform. Today that is the chunked
-    XLA form everywhere (BENCHMARKS.md "Kernels: SSD": on an H200 our Pallas kernel is
-    1.6x slower forward and 4x slower forward+backward than XLA), and Pallas only when
-    `interpret` is set; "reference": the per-step scan.
+    XLA form everywhere (BENCHMARKS.md "Kernels: SSD": on an H200 the earlier serial Pallas
+    kernel was 1.6x slower forward and 4x slower forward+backward than XLA; the
+    chunk-parallel GPU kernels that replaced it are not measured yet), and Pallas only
+    when `interpret` is set; "reference": the per-step scan.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

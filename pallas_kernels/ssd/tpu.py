@@ -5,7 +5,8 @@ state lives in a VMEM scratch buffer between chunk steps, so chunk states never 
 to HBM. Mosaic wants the last two dims of every block to be multiples of (8, 128)
 or the whole array dim, so the caller's [B, T, G, d] arrays are laid out head-major
 ([B, G, T, d]: blocks (L, d)), and per-token scalars as rows [.., 1, L] (blocks
-(1, L)). The chunk math is chunk_math.chunk_step, shared with the GPU kernel.
+(1, L)). The chunk math is chunk_math.chunk_step. The backward is three more runs of this
+kernel (ops.py); the GPU path has chunk-parallel kernels instead (gpu.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ssd.chunk_math import chunk_step
-from pallas_kernels.ssd.gpu import cost
 
 
 def _kernel(*refs, nc, has_seg):
@@ -41,6 +41,16 @@ def _kernel(*refs, nc, has_seg):
     @pl.when(c == nc - 1)
     def _():
         hT_ref[...] = state
+
+
+def cost(b, h, tp, n, p, L, itemsize):
+    """FLOPs, exp count and bytes of one core call."""
+    nc = tp // L
+    flops = b * h * nc * (2 * L * L * n + 2 * L * L * p + 4 * L * n * p)
+    transcendentals = b * h * nc * (L * L + 3 * L)
+    bytes_accessed = b * h * tp * (2 * n + 2 * p) * itemsize + b * h * (tp * 4 + 2 * p * n * 4)
+    return pl.CostEstimate(flops=flops, transcendentals=transcendentals,
+                           bytes_accessed=bytes_accessed)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
@@ -76,7 +86,7 @@ def core_pallas_tpu(v, a, k, q, h0, s, sp, *, chunk_size, interpret=False):
         scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=cost(b, h, tp, n, p, L, p, v.dtype.itemsize),
+        cost_estimate=cost(b, h, tp, n, p, L, v.dtype.itemsize),
         interpret=interpret,
         name="ssd_core_tpu",
     )(*args)
