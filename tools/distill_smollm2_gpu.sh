@@ -31,7 +31,7 @@ fi
 # Bounded, so the logs and metrics below are copied out even if the run is cut short.
 timeout "${DISTILL_TIMEOUT:-540}" python3 -m hylo_jax.distill --config=configs/distill_smollm2_gpu.py \
   --config.teacher="$teacher" --config.student=/tmp/hylo_student "$@" 2>&1 \
-  | grep --line-buffered -v "it/s\]\|tensor/s\]" | tee -a /tmp/hylo_distill.log
+  | grep --line-buffered -v "it/s\]\|tensor/s\]\|composite_checkpoint_handler\|xla_bridge" | tee -a /tmp/hylo_distill.log
 echo "total: $(( $(date +%s) - t0 )) s"
 cp /tmp/hylo_distill.log "$out/distill_all.log"
 cp /tmp/hylo_distill/metrics.jsonl /tmp/hylo_distill/summary.json /tmp/hylo_distill/loss_curves.png "$out/" 2>/dev/null
