@@ -197,3 +197,14 @@ def test_bad_config_errors(kw, match):
         validate_mla_config(scfg)
     with pytest.raises(ValueError, match=match):
         MLA(scfg, rngs=nnx.Rngs(0))
+
+
+def test_long_sequences_go_in_query_blocks_in_both_forms():
+    """Past DEFAULT_CHUNK_SIZE queries (1100 > 1024: two blocks, the last padded) the
+    training and the cached form still equal the float64 reference."""
+    mla, scfg = random_mla(True, q_lora=0)
+    x, pos = inputs(b=1, t=1100)
+    ref = jnp.asarray(reference_mla(nnx.to_pure_dict(nnx.state(mla, nnx.Param)), scfg, x, pos), jnp.float32)
+    assert rel(mla(x, pos)[0], ref) < 1e-5
+    y_abs, _ = mla(x, pos, cache=mla.init_cache(1, 1104))
+    assert rel(y_abs, ref) < 1e-5

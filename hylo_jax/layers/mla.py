@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from hylo_jax.config import ModelConfig
-from hylo_jax.layers.attention import cache_mask, causal_mask, dot_product_attention, write_cache
+from hylo_jax.layers.attention import DEFAULT_CHUNK_SIZE, cache_mask, causal_attention, write_cache
 from hylo_jax.layers.linear import Linear
 from hylo_jax.layers.rope import RoPE, apply_rope
 
@@ -154,7 +154,7 @@ class MLA(nnx.Module):
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latent_and_rope_key(x, cos, sin)
         if cache is None:
-            out = self._expanded(q_nope, q_rope, latent, k_rope, causal_mask(t, segment_ids))
+            out = self._expanded(q_nope, q_rope, latent, k_rope, segment_ids)
             new_cache = None
         else:
             if segment_ids is not None:
@@ -170,7 +170,7 @@ class MLA(nnx.Module):
             )
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim)), new_cache
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope, mask) -> jax.Array:
+    def _expanded(self, q_nope, q_rope, latent, k_rope, segment_ids) -> jax.Array:
         """Training form: expand the latent into per-head keys and values."""
         b, s, _ = latent.shape
         h = self.num_heads
@@ -180,21 +180,36 @@ class MLA(nnx.Module):
         k_rope = jnp.repeat(k_rope, h // self.n_rope_heads, axis=2)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
-        return dot_product_attention(q, k, v, mask, scale=self.scale)
+        return causal_attention(q, k, v, scale=self.scale, segment_ids=segment_ids)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> jax.Array:
-        """Decode form: attend over the cached latents; kv_b_proj folded into q and out."""
+        """Decode form: attend over the cached latents; kv_b_proj folded into q and out.
+        Queries go DEFAULT_CHUNK_SIZE at a time, so a long prefill chunk holds scores of
+        [B, H, chunk, S], not [B, H, T, S]."""
         b, t, h, _ = q_nope.shape
         w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(self.kv_lora_rank, h, self.nope_dim + self.v_dim)
         w_uk, w_uv = w[..., : self.nope_dim], w[..., self.nope_dim :]
         q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk, preferred_element_type=jnp.float32)
-        g = h // self.n_rope_heads
-        q_rope = q_rope.reshape(b, t, self.n_rope_heads, g, self.rope_dim)
-        scores = jnp.einsum("bthr,bsr->bhts", q_latent, latent, preferred_element_type=jnp.float32)
-        scores_rope = jnp.einsum("btkgd,bskd->bkgts", q_rope, k_rope, preferred_element_type=jnp.float32)
-        scores = (scores + scores_rope.reshape(b, h, t, -1)) * self.scale
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out_latent = jnp.einsum("bhts,bsr->bthr", probs, latent.astype(jnp.float32))
+        q_rope = q_rope.reshape(b, t, self.n_rope_heads, h // self.n_rope_heads, self.rope_dim)
+        mask = jnp.broadcast_to(mask, (b,) + mask.shape[1:])
+
+        def block(q_latent, q_rope, mask):
+            tb = q_latent.shape[1]
+            scores = jnp.einsum("bthr,bsr->bhts", q_latent, latent, preferred_element_type=jnp.float32)
+            scores_rope = jnp.einsum("btkgd,bskd->bkgts", q_rope, k_rope, preferred_element_type=jnp.float32)
+            scores = (scores + scores_rope.reshape(b, h, tb, -1)) * self.scale
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1)
+            return jnp.einsum("bhts,bsr->bthr", probs, latent.astype(jnp.float32))
+
+        c = DEFAULT_CHUNK_SIZE
+        if t <= c:
+            out_latent = block(q_latent, q_rope, mask)
+        else:  # padded query rows see nothing (uniform weights) and are dropped
+            n = -(-t // c)
+            blocks = lambda x: jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
+                (b, n, c) + x.shape[2:]).swapaxes(0, 1)
+            out_latent = jax.lax.map(lambda a: block(*a), (blocks(q_latent), blocks(q_rope), blocks(mask)))
+            out_latent = out_latent.swapaxes(0, 1).reshape((b, n * c) + out_latent.shape[3:])[:, :t]
         out = jnp.einsum("bthr,rhv->bthv", out_latent, w_uv.astype(jnp.float32))
         return out.astype(self.dtype)

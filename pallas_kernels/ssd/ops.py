@@ -260,11 +260,11 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_stat
         output_final_state=False, segment_ids=None, chunk_size=64, interpret=None, impl="auto"):
     """SSD (Mamba2) scan. See DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
 
-    impl "auto": the fastest measured form for the platform. Today that is the chunked
-    XLA form everywhere (BENCHMARKS.md "Kernels: SSD": on an H200 the earlier serial Pallas
-    kernel was 1.6x slower forward and 4x slower forward+backward than XLA; the
-    chunk-parallel GPU kernels that replaced it are not measured yet), and Pallas only
-    when `interpret` is set; "reference": the per-step scan.
+    impl "auto": the fastest measured form for the platform: the chunk-parallel Pallas
+    kernels on GPU (BENCHMARKS.md "Kernels: SSD": on an H100 at T = 8K-16K, 1.5-8.8x
+    faster than the XLA form, fastest at chunk_size 256), the chunked XLA form on TPU
+    (its Mosaic kernel is not measured) and CPU, and Pallas in interpret mode when
+    `interpret` is set; "reference": the per-step scan.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -273,7 +273,7 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_stat
     kw = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
               output_final_state=output_final_state, segment_ids=segment_ids)
     if impl == "auto":
-        impl = "pallas" if interpret else "xla"
+        impl = "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
     if impl == "reference":
         return ssd_reference(x, dt, A, B, C, **kw)
     if impl == "xla":
