@@ -447,6 +447,7 @@ class Evaluator:
                 batch_size=self.cfg.passkey_batch_size,
             )
             out[f"passkey@{length}"] = float(res["accuracy"])
+            log.info("passkey at %d tokens: %d/%d", length, res["correct"], res["n_trials"])
         return out
 
     def __call__(self, student, teacher=None, *, with_passkey: bool = True) -> dict[str, float]:

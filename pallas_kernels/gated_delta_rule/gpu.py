@@ -31,10 +31,11 @@ from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forwa
 BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
 
 
-def _check_shapes(c, dk, block_v, interpret):
+def check_power_of_two(interpret, **dims):
+    """Triton's dots need each of `dims` a power of two >= 16 (interpret mode does not)."""
     if interpret:
         return
-    for name, d in (("chunk_size", c), ("K", dk), ("V block", block_v)):
+    for name, d in dims.items():
         if d < 16 or d & (d - 1):
             raise ValueError(f"Pallas GPU kernel needs {name} a power of two >= 16, got {d}")
 
@@ -78,7 +79,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
     c = chunk_size
     n = tp // c
     bv = _block_v(dv, block_v)
-    _check_shapes(c, dk, bv, interpret)
+    check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = u.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
     col = pl.BlockSpec((None, tp, bv), lambda i, j: (i, 0, j))
@@ -133,7 +134,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
     c = chunk_size
     n = tp // c
     bv = _block_v(dv_dim, block_v)
-    _check_shapes(c, dk, bv, interpret)
+    check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = w.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
     col = pl.BlockSpec((None, tp, bv), lambda i, j: (i, 0, j))

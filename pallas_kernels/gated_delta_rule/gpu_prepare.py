@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import pad_time, segment_index
+from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
 from pallas_kernels.gated_delta_rule.xla import Chunked
 
 # Launch parameters of both kernels, untuned (no GPU measurements yet): nothing here loops
@@ -286,14 +287,6 @@ def _specs(b, h, c, dk, dv, has_seg):
     return specs
 
 
-def _check(c, dk, dv, interpret):
-    if interpret:
-        return
-    for name, d in (("chunk_size", c), ("K", dk), ("V", dv)):
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"Pallas GPU prepare kernel needs {name} a power of two >= 16, got {d}")
-
-
 def _f32_dot(f32_dot, interpret):
     f32_dot = f32_dot or BLOCKS["f32_dot"]
     if f32_dot not in F32_DOTS:
@@ -318,7 +311,7 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
     b, tp, h, dk = q.shape
     dv = v.shape[-1]
     c = chunk_size
-    _check(c, dk, dv, interpret)
+    check_power_of_two(interpret, chunk_size=c, K=dk, V=dv)
     has_seg = segs is not None
     out = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
     shape = lambda d: jax.ShapeDtypeStruct((b * h, tp, d), out_dtype)
@@ -346,7 +339,7 @@ def prepare_bwd(q, k, v, g, beta, segs, dw, du, dqg, daqk, dkg, *, chunk_size, s
     b, tp, h, dk = q.shape
     dv = v.shape[-1]
     c = chunk_size
-    _check(c, dk, dv, interpret)
+    check_power_of_two(interpret, chunk_size=c, K=dk, V=dv)
     has_seg = segs is not None
     cot = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
     in_specs = _specs(b, h, c, dk, dv, has_seg) + [cot(dk), cot(dv), cot(dk), cot(c), cot(dk)]
