@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import pad_time, segment_index
+from pallas_kernels._common import pad_time
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
-from pallas_kernels.gated_delta_rule.xla import Chunked
+from pallas_kernels.gated_delta_rule.xla import Chunked, chunk_segments
 
 # Launch parameters of both kernels, untuned (no GPU measurements yet): nothing here loops
 # over memory, so one stage; num_warps=None picks 4 for K, V <= 64 and 8 above, where the
@@ -405,14 +405,9 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
         segs = None
         decay = jnp.exp(gsum)
     else:
-        idx = segment_index(segment_ids)
-        seg = jnp.concatenate([idx, jnp.broadcast_to(idx[:, -1:], (b, tp - t))], axis=1)
-        seg_c = seg.reshape(b, n, c)
-        seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)  # [B, N]
-        carry_in = (seg_c == seg_prev[..., None]).astype(_F32).reshape(b, tp)
-        carry_out = (seg_c == seg_c[..., -1:]).astype(_F32).reshape(b, tp)
-        segs = (seg, carry_in, carry_out)
-        decay = jnp.exp(gsum) * (seg_c[..., -1] == seg_prev).astype(_F32)[..., None]
+        cs = chunk_segments(segment_ids, t, c)
+        segs = (cs.seg, cs.carry_in.reshape(b, tp), cs.carry_out.reshape(b, tp))
+        decay = jnp.exp(gsum) * cs.carry_across[..., None]
     outs = _prepare_op(c, float(scale), od, bool(interpret), f32_dot)(q, k, v, g, beta, segs)
     chunks = lambda x: x.reshape(b, h, n, c, x.shape[-1])
     return Chunked(*(chunks(x) for x in outs), jnp.moveaxis(decay, 2, 1))

@@ -151,6 +151,38 @@ def _to_chunks(x, n, c):
     return jnp.moveaxis(x, 3, 1)
 
 
+class ChunkSegments(NamedTuple):
+    """Segment bookkeeping of a padded sequence cut into chunks (see module docstring)."""
+
+    seg: jax.Array  # [B, Tp] int32 segment index; the padded tail belongs to the last segment
+    carry_in: jax.Array  # [B, N, C] float32: 1 where a position sees the state entering its chunk
+    carry_out: jax.Array  # [B, N, C] float32: 1 where it reaches the state leaving its chunk
+    carry_across: jax.Array  # [B, N] float32: 1 where no segment starts inside the chunk
+
+
+def chunk_segments(segment_ids, t, chunk_size) -> ChunkSegments:
+    """`ChunkSegments` of segment_ids [B, T] (None: one segment) padded to a multiple of chunk_size."""
+    c = chunk_size
+    tp = t + (-t) % c
+    if segment_ids is None:
+        b = 1
+        seg = jnp.zeros((1, tp), jnp.int32)
+    else:
+        b = segment_ids.shape[0]
+        idx = segment_index(segment_ids)
+        # Padded tail belongs to the last segment, so it does not reset the state.
+        seg = jnp.concatenate([idx, jnp.broadcast_to(idx[:, -1:], (b, tp - t))], axis=1)
+    seg_c = seg.reshape(b, tp // c, c)
+    # Segment of the token just before each chunk (chunk 0 continues the initial state).
+    seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)  # [B, N]
+    return ChunkSegments(
+        seg,
+        (seg_c == seg_prev[..., None]).astype(jnp.float32),
+        (seg_c == seg_c[..., -1:]).astype(jnp.float32),
+        (seg_c[..., -1] == seg_prev).astype(jnp.float32),
+    )
+
+
 def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None):
     """Chunk-local part of the algorithm (see module docstring). Pads T inside.
 
@@ -165,18 +197,11 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
     f32 = jnp.promote_types(jnp.result_type(q, k, v, g, beta), jnp.float32)
     # Padding with g = 0, beta = 0, k = v = q = 0 leaves the state unchanged.
     q, k, v, g, beta = (pad_time(x.astype(f32), c) for x in (q, k, v, g, beta))
-    if segment_ids is None:
-        seg = jnp.zeros((b, tp), jnp.int32)
-    else:
-        idx = segment_index(segment_ids)
-        # Padded tail belongs to the last segment, so it does not reset the state.
-        seg = jnp.concatenate([idx, jnp.broadcast_to(idx[:, -1:], (b, tp - t))], axis=1)
+    segs = chunk_segments(segment_ids, t, c)
 
     qc, kc, vc = (_to_chunks(x, n, c) for x in (q, k, v))  # [B,H,N,C,D]
     gc, bc = (_to_chunks(x, n, c) for x in (g, beta))  # [B,H,N,C]
-    segc = seg.reshape(b, n, c)[:, None]  # [B,1,N,C]
-    # Segment of the token just before each chunk (chunk 0 continues the initial state).
-    seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)[:, None, :, None]
+    segc = segs.seg.reshape(-1, n, c)[:, None]  # [B or 1,1,N,C]
 
     gcum = jnp.cumsum(gc, axis=-1)
     glast = gcum[..., -1:]
@@ -187,8 +212,7 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
     # exp only where i >= j (and same segment): elsewhere diff may be large and positive.
     decay_ij = jnp.where(causal & same, jnp.exp(jnp.where(causal & same, diff, 0.0)), 0.0)
 
-    carry_in = (segc == seg_prev).astype(f32)  # sees the state entering the chunk
-    carry_out = (segc == segc[..., -1:]).astype(f32)  # reaches the state leaving it
+    carry_in, carry_out = segs.carry_in[:, None].astype(f32), segs.carry_out[:, None].astype(f32)
 
     kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
     lower = jnp.where(strict, bc[..., :, None] * kk * decay_ij, 0.0)
@@ -202,7 +226,7 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
     qg = (scale * jnp.exp(gcum) * carry_in)[..., None] * qc
     aqk = scale * jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * decay_ij
     kg = (jnp.exp(glast - gcum) * carry_out)[..., None] * kc
-    decay = jnp.exp(glast[..., 0]) * (segc[..., -1] == seg_prev[..., 0]).astype(f32)
+    decay = jnp.exp(glast[..., 0]) * segs.carry_across[:, None].astype(f32)
     return Chunked(
         w.astype(od), u.astype(od), qg.astype(od), aqk.astype(od), kg.astype(od), decay
     )
