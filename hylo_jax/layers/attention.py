@@ -36,17 +36,6 @@ class AttentionCache:
     index: jax.Array
 
 
-def causal_mask(length: int, segment_ids: jax.Array | None = None) -> jax.Array:
-    """bool [1 or B, T, T]: query t sees key s iff s <= t (and same segment)."""
-    idx = jnp.arange(length)
-    mask = (idx[:, None] >= idx[None, :])[None]
-    if segment_ids is not None:
-        if segment_ids.ndim != 2 or segment_ids.shape[1] != length:
-            raise ValueError(f"segment_ids must be [B, {length}], got {segment_ids.shape}")
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
-
-
 def cache_mask(index: jax.Array, length: int, max_length: int) -> jax.Array:
     """bool [1, T, S] for a chunk of `length` queries written at cache slot `index`:
     query t sees slot s iff s <= index + t (later slots are empty or in the future)."""
@@ -117,31 +106,36 @@ def causal_attention(
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
     kv_slot = jnp.arange(s)
+    q_slot = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
 
-    def block(q_blk, q_slot, q_seg):
-        mask = (kv_slot[None, :] <= q_slot[:, None])[None]  # [1, C, S]
+    def block(q_blk, q_slot, q_seg=None):
+        mask = kv_slot[None, None, :] <= q_slot[:, :, None]  # [B, C, S]
         if q_seg is not None:
             mask = mask & (q_seg[:, :, None] == segment_ids[:, None, :])
         return dot_product_attention(q_blk, k, v, mask, scale=scale)
 
-    q_slot = offset + jnp.arange(t)
-    if chunk_size is None or t <= chunk_size:
-        return block(q, q_slot, segment_ids)
+    xs = (q, q_slot) if segment_ids is None else (q, q_slot, segment_ids)
+    return query_blocks(block, xs, chunk_size, remat=True)
 
+
+def query_blocks(block, xs, chunk_size: int | None, *, remat: bool = False) -> jax.Array:
+    """`block(*xs)` over blocks of `chunk_size` queries, so memory grows with the block,
+    not with T. Every x is [B, T, ...] (queries on axis 1, padded at the end to whole
+    blocks; the padded rows' outputs are dropped, so they only need to be harmless).
+    Returns block's [B, T, ...] output. One call when T <= chunk_size (or None);
+    remat recomputes each block in the backward pass."""
+    b, t = xs[0].shape[:2]
+    if chunk_size is None or t <= chunk_size:
+        return block(*xs)
     n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    # Padded query rows see slot <= their (fake) slot and segment -1: harmless, dropped.
-    q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_c = q_c.reshape(b, n, chunk_size, *q.shape[2:]).swapaxes(0, 1)
-    slot_c = jnp.pad(q_slot, (0, pad), constant_values=q_slot[-1]).reshape(n, chunk_size)
-    if segment_ids is None:
-        out = jax.lax.map(jax.checkpoint(lambda a: block(a[0], a[1], None)), (q_c, slot_c))
-    else:
-        seg_c = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-        seg_c = seg_c.reshape(b, n, chunk_size).swapaxes(0, 1)
-        out = jax.lax.map(jax.checkpoint(lambda a: block(*a)), (q_c, slot_c, seg_c))
-    out = out.swapaxes(0, 1).reshape(b, n * chunk_size, *out.shape[3:])
-    return out[:, :t]
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((b, n, chunk_size) + x.shape[2:]).swapaxes(0, 1)
+
+    fn = lambda a: block(*a)
+    out = jax.lax.map(jax.checkpoint(fn) if remat else fn, tuple(split(x) for x in xs))
+    return out.swapaxes(0, 1).reshape((b, n * chunk_size) + out.shape[3:])[:, :t]
 
 
 class Attention(nnx.Module):

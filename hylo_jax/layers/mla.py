@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from hylo_jax.config import ModelConfig
-from hylo_jax.layers.attention import DEFAULT_CHUNK_SIZE, cache_mask, causal_attention, write_cache
+from hylo_jax.layers.attention import DEFAULT_CHUNK_SIZE, cache_mask, causal_attention, query_blocks, write_cache
 from hylo_jax.layers.linear import Linear
 from hylo_jax.layers.rope import RoPE, apply_rope
 
@@ -202,14 +202,6 @@ class MLA(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             return jnp.einsum("bhts,bsr->bthr", probs, latent.astype(jnp.float32))
 
-        c = DEFAULT_CHUNK_SIZE
-        if t <= c:
-            out_latent = block(q_latent, q_rope, mask)
-        else:  # padded query rows see nothing (uniform weights) and are dropped
-            n = -(-t // c)
-            blocks = lambda x: jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2)).reshape(
-                (b, n, c) + x.shape[2:]).swapaxes(0, 1)
-            out_latent = jax.lax.map(lambda a: block(*a), (blocks(q_latent), blocks(q_rope), blocks(mask)))
-            out_latent = out_latent.swapaxes(0, 1).reshape((b, n * c) + out_latent.shape[3:])[:, :t]
+        out_latent = query_blocks(block, (q_latent, q_rope, mask), DEFAULT_CHUNK_SIZE)
         out = jnp.einsum("bthr,rhv->bthv", out_latent, w_uv.astype(jnp.float32))
         return out.astype(self.dtype)
