@@ -36,6 +36,15 @@ def segment_index(segment_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
 
+def pad_segments(seg: jax.Array, multiple: int) -> jax.Array:
+    """Pad a [B, T] segment index by repeating its last value (padding joins the last
+    segment, so it neither resets nor leaks a state)."""
+    pad = (-seg.shape[1]) % multiple
+    if pad == 0:
+        return seg
+    return jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
+
+
 def rel_rms(x, ref) -> float:
     """||x - ref|| / ||ref|| in float64 on the host (0 when both are zero)."""
     import numpy as np

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import pad_time, segment_index
+from pallas_kernels._common import pad_segments, pad_time, segment_index
 
 
 class Chunked(NamedTuple):
@@ -169,9 +169,7 @@ def chunk_segments(segment_ids, t, chunk_size) -> ChunkSegments:
         seg = jnp.zeros((1, tp), jnp.int32)
     else:
         b = segment_ids.shape[0]
-        idx = segment_index(segment_ids)
-        # Padded tail belongs to the last segment, so it does not reset the state.
-        seg = jnp.concatenate([idx, jnp.broadcast_to(idx[:, -1:], (b, tp - t))], axis=1)
+        seg = pad_segments(segment_index(segment_ids), c)
     seg_c = seg.reshape(b, tp // c, c)
     # Segment of the token just before each chunk (chunk 0 continues the initial state).
     seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)  # [B, N]

@@ -30,9 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import default_interpret, pad_time, segment_index
+from pallas_kernels._common import default_interpret, pad_segments, pad_time, segment_index
 from pallas_kernels.ssd.reference import check_shapes, process_dt, ssd_reference
-from pallas_kernels.ssd.xla import pad_segments, ssd_xla
+from pallas_kernels.ssd.xla import ssd_xla
 
 IMPLS = ("auto", "xla", "pallas", "reference")
 

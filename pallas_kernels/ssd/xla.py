@@ -24,16 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import pad_time, segment_index
+from pallas_kernels._common import pad_segments, pad_time, segment_index
 from pallas_kernels.ssd.reference import check_shapes, process_dt
-
-
-def pad_segments(seg, multiple):
-    """Pad a [B, T] segment index by repeating its last value (padding joins the last segment)."""
-    pad = (-seg.shape[1]) % multiple
-    if pad == 0:
-        return seg
-    return jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
 
 
 def _repeat_heads(a, h):
