@@ -19,11 +19,11 @@ def get_config():
     cfg.eval.corpus = "python_stdlib"
     # Minutes of a shared GPU budget, not the paper's 10B tokens.
     cfg.stages.align = _base.stage("align", 2048, 300, 8, 5e-4, warmup_fraction=0.05, remat="full")
-    cfg.stages.kl = _base.stage("kl", 2048, 800, 8, 2e-4, warmup_fraction=0.02, remat="full", kl_chunk=1024)
+    cfg.stages.kl = _base.stage("kl", 2048, 1500, 8, 3e-4, warmup_fraction=0.02, remat="full", kl_chunk=1024)
     # The teacher is only trustworthy up to its trained 8K, so the long stage trains at
     # 8K with YaRN x4 on the MLA layers, for use at 32K.
     cfg.stages.long = _base.stage(
-        "kl", 8192, 100, 2, 1e-4, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
+        "kl", 8192, 200, 2, 1e-4, remat="full", kl_chunk=1024, yarn_factor=4.0, yarn_original_max_position=8192
     )
     cfg.log_every = 25
     cfg.checkpoint_every = 100

@@ -72,7 +72,8 @@ class Mamba2Config:
     n_groups: int
     state_size: int
     conv_kernel: int = 4
-    chunk_size: int = 64
+    # 128: the fastest training chunk of the GPU SSD kernels (BENCHMARKS.md "Kernels: SSD").
+    chunk_size: int = 128
     norm_eps: float = 1e-5
 
 

@@ -226,3 +226,11 @@ def test_corpus_text_is_the_real_file():
     assert all(d.text == topics[d.name] for d in held)
     with pytest.raises(ValueError, match="unknown corpus"):
         corpus.documents("wikipedia")
+
+
+def test_corpus_source_mixes_comma_separated_corpora():
+    mixed = data.document_source(_cfg(name="pydoc_topics, python_stdlib"))
+    parts = [[d.text for d in corpus.documents(n, "heldout")] for n in ("pydoc_topics", "python_stdlib")]
+    assert list(mixed) == parts[0] + parts[1]
+    with pytest.raises(ValueError, match="corpus names"):
+        data.document_source(_cfg(name=" , "))

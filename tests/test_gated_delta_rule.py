@@ -212,15 +212,7 @@ class TestPallasInterpret:
         self._check("gpu", t, chunk, use_h0, use_seg, prepare_impl="pallas")
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 class TestPallasGPU(TestPallasInterpret):
     """The same checks compiled for the GPU (Triton), on the full grid of shapes."""
 
@@ -312,7 +304,6 @@ class TestPreparePallas:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 class TestPreparePallasGPU(TestPreparePallas):
     """The same checks compiled for the GPU (Triton), all shapes."""
 

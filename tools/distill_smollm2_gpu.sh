@@ -8,6 +8,9 @@
 # programs come from the persistent cache in /tmp/jax_cache. DISTILL_TIMEOUT (s) bounds
 # one call (SIGTERM writes a checkpoint first). Missing Python packages may be given as
 # wheels in $HYLO_WHEELS (installed to /tmp/site, which later calls find again).
+# Or, within one device lease, start it in the background so that it outlives the calls:
+#   DISTILL_TIMEOUT=3000 setsid nohup bash tools/distill_smollm2_gpu.sh ... > /tmp/job.out 2>&1 < /dev/null &
+# and let the following calls wait on /tmp/job.out (its last line is "total: N s").
 set -uo pipefail
 teacher=$1; out=$2; shift 2
 mkdir -p "$out"

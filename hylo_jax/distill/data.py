@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.kind = "corpus"  # one of SOURCE_KINDS
     cfg.path = ""  # text / jsonl / array_record: glob(s), comma separated
     cfg.field = "text"  # jsonl / tfds: text field; array_record: JSON field ("" = raw text)
-    cfg.name = "python_stdlib"  # tfds dataset name, or corpus name
+    cfg.name = "python_stdlib"  # tfds dataset name, or corpus name(s), comma separated (mixed)
     cfg.split = "train"  # tfds split, or corpus split ("train" / "heldout")
     cfg.data_dir = ""  # tfds data_dir ("" = tfds default)
     cfg.heldout_fraction = 0.1  # corpus only
@@ -164,6 +164,13 @@ def _expand(path: str) -> list[str]:
     return files
 
 
+def _names(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError("cfg.name is empty; give one or more comma-separated corpus names")
+    return names
+
+
 def document_source(cfg: ml_collections.ConfigDict):
     """A random-access sequence of document texts (str) described by `cfg`."""
     if cfg.kind == "text":
@@ -180,7 +187,10 @@ def document_source(cfg: ml_collections.ConfigDict):
     if cfg.kind == "corpus":
         from hylo_jax.eval import corpus
 
-        return [d.text for d in corpus.documents(cfg.name, cfg.split, cfg.heldout_fraction)]
+        texts = [d.text for name in _names(cfg.name) for d in corpus.documents(name, cfg.split, cfg.heldout_fraction)]
+        if not texts:
+            raise ValueError(f"corpus {cfg.name!r} has no documents in split {cfg.split!r} on this machine")
+        return texts
     raise ValueError(f"unknown data kind {cfg.kind!r}; choose from {SOURCE_KINDS}")
 
 

@@ -261,8 +261,8 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_stat
     """SSD (Mamba2) scan. See DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
 
     impl "auto": the fastest measured form for the platform: the chunk-parallel Pallas
-    kernels on GPU (BENCHMARKS.md "Kernels: SSD": on an H100 at T = 8K-16K, 1.5-8.8x
-    faster than the XLA form, fastest at chunk_size 256), the chunked XLA form on TPU
+    kernels on GPU (BENCHMARKS.md "Kernels: SSD": on an H100 at T = 8K-16K, 2.8-9x
+    faster than the XLA form, fwd+bwd fastest at chunk_size 128), the chunked XLA form on TPU
     (its Mosaic kernel is not measured) and CPU, and Pallas in interpret mode when
     `interpret` is set; "reference": the per-step scan.
     """
