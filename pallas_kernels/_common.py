@@ -2,11 +2,14 @@
 
 Padding the time axis to a multiple of the chunk, turning per-token segment ids
 into a monotone segment index (so "same segment" is a plain equality even when a
-document id comes back later in the row), the relative-RMS error used by the
-tests and benchmarks, and the choice between interpret mode and compiled kernels.
+document id comes back later in the row) and its per-chunk masks, the relative-RMS
+error used by the tests and benchmarks, and the choice between interpret mode and
+compiled kernels.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,38 @@ def pad_segments(seg: jax.Array, multiple: int) -> jax.Array:
     if pad == 0:
         return seg
     return jnp.pad(seg, ((0, 0), (0, pad)), mode="edge")
+
+
+class ChunkSegments(NamedTuple):
+    """Segment bookkeeping of a sequence padded to whole chunks: a position sees the state
+    entering its chunk only if no segment starts between the chunk start and it, and a
+    chunk passes its entering state on only if no segment starts inside it."""
+
+    seg: jax.Array  # [B, Tp] int32 segment index; the padded tail belongs to the last segment
+    carry_in: jax.Array  # [B, N, C] float32: 1 where a position sees the state entering its chunk
+    carry_out: jax.Array  # [B, N, C] float32: 1 where it reaches the state leaving its chunk
+    carry_across: jax.Array  # [B, N] float32: 1 where no segment starts inside the chunk
+
+
+def chunk_segments(segment_ids, t, chunk_size) -> ChunkSegments:
+    """`ChunkSegments` of segment_ids [B, T] (None: one segment) padded to a multiple of chunk_size."""
+    c = chunk_size
+    tp = t + (-t) % c
+    if segment_ids is None:
+        b = 1
+        seg = jnp.zeros((1, tp), jnp.int32)
+    else:
+        b = segment_ids.shape[0]
+        seg = pad_segments(segment_index(segment_ids), c)
+    seg_c = seg.reshape(b, tp // c, c)
+    # Segment of the token just before each chunk (chunk 0 continues the initial state).
+    seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)  # [B, N]
+    return ChunkSegments(
+        seg,
+        (seg_c == seg_prev[..., None]).astype(jnp.float32),
+        (seg_c == seg_c[..., -1:]).astype(jnp.float32),
+        (seg_c[..., -1] == seg_prev).astype(jnp.float32),
+    )
 
 
 def rel_rms(x, ref) -> float:

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import pad_time
+from pallas_kernels._common import chunk_segments, pad_time
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
-from pallas_kernels.gated_delta_rule.xla import Chunked, chunk_segments
+from pallas_kernels.gated_delta_rule.xla import Chunked
 
 # Launch parameters of both kernels, untuned (no GPU measurements yet): nothing here loops
 # over memory, so one stage; num_warps=None picks 4 for K, V <= 64 and 8 above, where the

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import pad_segments, pad_time, segment_index
+from pallas_kernels._common import chunk_segments, pad_time
 
 
 class Chunked(NamedTuple):
@@ -149,36 +149,6 @@ def _to_chunks(x, n, c):
     b, _, h = x.shape[:3]
     x = x.reshape((b, n, c, h) + x.shape[3:])
     return jnp.moveaxis(x, 3, 1)
-
-
-class ChunkSegments(NamedTuple):
-    """Segment bookkeeping of a padded sequence cut into chunks (see module docstring)."""
-
-    seg: jax.Array  # [B, Tp] int32 segment index; the padded tail belongs to the last segment
-    carry_in: jax.Array  # [B, N, C] float32: 1 where a position sees the state entering its chunk
-    carry_out: jax.Array  # [B, N, C] float32: 1 where it reaches the state leaving its chunk
-    carry_across: jax.Array  # [B, N] float32: 1 where no segment starts inside the chunk
-
-
-def chunk_segments(segment_ids, t, chunk_size) -> ChunkSegments:
-    """`ChunkSegments` of segment_ids [B, T] (None: one segment) padded to a multiple of chunk_size."""
-    c = chunk_size
-    tp = t + (-t) % c
-    if segment_ids is None:
-        b = 1
-        seg = jnp.zeros((1, tp), jnp.int32)
-    else:
-        b = segment_ids.shape[0]
-        seg = pad_segments(segment_index(segment_ids), c)
-    seg_c = seg.reshape(b, tp // c, c)
-    # Segment of the token just before each chunk (chunk 0 continues the initial state).
-    seg_prev = jnp.concatenate([seg[:, :1], seg[:, c - 1 : tp - 1 : c]], axis=1)  # [B, N]
-    return ChunkSegments(
-        seg,
-        (seg_c == seg_prev[..., None]).astype(jnp.float32),
-        (seg_c == seg_c[..., -1:]).astype(jnp.float32),
-        (seg_c[..., -1] == seg_prev).astype(jnp.float32),
-    )
 
 
 def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None):

@@ -30,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import default_interpret, pad_segments, pad_time, segment_index
+from pallas_kernels._common import chunk_segments, default_interpret, pad_segments, pad_time, segment_index
 from pallas_kernels.ssd.reference import check_shapes, process_dt, ssd_reference
 from pallas_kernels.ssd.xla import ssd_xla
 
@@ -140,11 +140,10 @@ def _decay_rows(a, seg, L):
     eout = jnp.exp(cs[:, :, -1:] - cs)
     s = None
     if seg is not None:
-        s = pad_segments(seg, L).reshape(b, nc, L)
-        s_prev = jnp.concatenate([s[:, :1, :1], s[:, :-1, -1:]], axis=1)  # index entering chunk
-        ein = ein * (s == s_prev)[..., None]
-        eout = eout * (s == s[..., -1:])[..., None]
-        s = s.reshape(b, tp).astype(jnp.float32)
+        segs = chunk_segments(seg, t, L)
+        ein = ein * segs.carry_in[..., None]
+        eout = eout * segs.carry_out[..., None]
+        s = segs.seg.astype(jnp.float32)
     rows = lambda z: jnp.swapaxes(z.reshape(b, tp, h), 1, 2)
     cs, ein, eout = rows(cs), rows(ein), rows(eout)
     return cs, ein, eout, ein[:, :, L - 1::L], s
