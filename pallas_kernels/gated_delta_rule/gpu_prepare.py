@@ -287,6 +287,13 @@ def _specs(b, h, c, dk, dv, has_seg):
     return specs
 
 
+def _chunked_specs(c, dk, dv):
+    """Specs of w, u, qg, aqk, kg, head-major [BH, Tp, K|V|C], for the grid (B*H, N):
+    the forward's outputs and the backward's cotangents."""
+    spec = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
+    return [spec(dk), spec(dv), spec(dk), spec(c), spec(dk)]
+
+
 def _f32_dot(f32_dot, interpret):
     f32_dot = f32_dot or BLOCKS["f32_dot"]
     if f32_dot not in F32_DOTS:
@@ -313,7 +320,6 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
     c = chunk_size
     check_power_of_two(interpret, chunk_size=c, K=dk, V=dv)
     has_seg = segs is not None
-    out = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
     shape = lambda d: jax.ShapeDtypeStruct((b * h, tp, d), out_dtype)
     bht = b * h * tp
     flops = 2 * bht * (2 * c * dk + c * (dk + dv) // 2 + 2 * SUB * SUB)
@@ -323,7 +329,7 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
                           f32_dot=_f32_dot(f32_dot, interpret)),
         grid=(b * h, tp // c),
         in_specs=_specs(b, h, c, dk, dv, has_seg),
-        out_specs=[out(dk), out(dv), out(dk), out(c), out(dk)],
+        out_specs=_chunked_specs(c, dk, dv),
         out_shape=[shape(dk), shape(dv), shape(dk), shape(c), shape(dk)],
         compiler_params=_compiler_params(dk, dv),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=bht * (c + 2), bytes_accessed=nbytes),
@@ -341,8 +347,7 @@ def prepare_bwd(q, k, v, g, beta, segs, dw, du, dqg, daqk, dkg, *, chunk_size, s
     c = chunk_size
     check_power_of_two(interpret, chunk_size=c, K=dk, V=dv)
     has_seg = segs is not None
-    cot = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
-    in_specs = _specs(b, h, c, dk, dv, has_seg) + [cot(dk), cot(dv), cot(dk), cot(c), cot(dk)]
+    in_specs = _specs(b, h, c, dk, dv, has_seg) + _chunked_specs(c, dk, dv)
     out_specs = _specs(b, h, c, dk, dv, False)
     out_shape = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (q, k, v)]
     out_shape += [jax.ShapeDtypeStruct(g.shape, _F32)] * 2
