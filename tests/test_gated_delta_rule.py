@@ -387,3 +387,23 @@ def test_unit_lower_inverse_matches_numpy_float64(c):
     with jax.enable_x64(True):
         got = np.asarray(unit_lower_inverse(jnp.asarray(a)))
     np.testing.assert_allclose(got, np.linalg.inv(a), rtol=0, atol=1e-12)
+
+
+def test_solve_unit_lower_vjp_matches_numpy_float64():
+    """solve_unit_lower's closed-form VJP (dR = T^T dX, dL = -dR X^T on the strictly lower
+    part) against the derivative of X = (I + L)^-1 R by numpy's inverse, float64."""
+    from pallas_kernels.gated_delta_rule.xla import solve_unit_lower
+
+    rng = np.random.default_rng(0)
+    c, d = 13, 5
+    lower = np.tril(rng.normal(size=(2, c, c)) * 0.3, -1)
+    rhs, dx = rng.normal(size=(2, c, d)), rng.normal(size=(2, c, d))
+    with jax.enable_x64(True):
+        x, vjp = jax.vjp(lambda lo, r: solve_unit_lower(lo, r, jnp.float64), jnp.asarray(lower), jnp.asarray(rhs))
+        dlower, drhs = (np.asarray(a) for a in vjp(jnp.asarray(dx)))
+    inv = np.linalg.inv(np.eye(c) + lower)
+    np.testing.assert_allclose(np.asarray(x), inv @ rhs, atol=1e-12)
+    want_drhs = np.swapaxes(inv, -1, -2) @ dx
+    np.testing.assert_allclose(drhs, want_drhs, atol=1e-12)
+    # d/dL of <dX, (I + L)^-1 R> = -T^T dX X^T, of which only the strictly lower part exists
+    np.testing.assert_allclose(dlower, np.tril(-want_drhs @ np.swapaxes(inv @ rhs, -1, -2), -1), atol=1e-12)

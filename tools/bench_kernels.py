@@ -271,6 +271,31 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     print(f"tuned GPU blocks: {best}", flush=True)
 
 
+def tune_prepare_gpu(args, chunk, report, b=1, t=16384):
+    """Time the chunk-local `gpu_prepare` kernels, fwd and fwd+bwd, over their warps;
+    leaves BLOCKS as it found them (this is a probe, not a choice)."""
+    from pallas_kernels.gated_delta_rule import gpu_prepare
+
+    q, k, v, g, beta, _ = gdn_inputs(b, t, args.heads, args.dk, args.dv)
+    base = dict(gpu_prepare.BLOCKS)
+    timings = []
+    for num_warps in (2, 4):  # 8 made an illegal memory access at K = V = 128 (H200)
+        gpu_prepare.BLOCKS.update(num_warps=num_warps)
+        jax.clear_caches()
+        pf, pfb = _prepare_fns(args.dk**-0.5, chunk)["prepare-pallas"]
+        try:
+            tf, tfb = median_time(pf, q, k, v, g, beta), median_time(pfb, q, k, v, g, beta)
+        except Exception as e:  # noqa: BLE001
+            print(f"tune prepare {gpu_prepare.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        timings.append(dict(gpu_prepare.BLOCKS, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3))
+        print(f"tune prepare B={b} T={t} {gpu_prepare.BLOCKS}: fwd {tf * 1e3:.3f} ms, "
+              f"fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
+    gpu_prepare.BLOCKS.clear()
+    gpu_prepare.BLOCKS.update(base)
+    report["prepare_tuning"] = timings
+
+
 def bench_gdn(args, peaks, results, report):
     chunk = 64
     h, dk, dv = args.heads, args.dk, args.dv
@@ -283,11 +308,15 @@ def bench_gdn(args, peaks, results, report):
     if fla_fn is not None:
         report["gdn_fla_check"] = check_fla_gradients(fla_fn, h, dk, dv)
         _flush_report()
-    if args.tune and "pallas" in args.impls:
+    tune = set(args.tune or ()) or ({"prepare", "recurrence"} if args.tune is not None else set())
+    if "pallas" in args.impls and "prepare" in tune:
+        tune_prepare_gpu(args, chunk, report)
+        _flush_report()
+    if "pallas" in args.impls and "recurrence" in tune:
         tune_gdn_gpu(args, chunk, report)
     start = time.perf_counter()
     fns = {impl: _jax_fns(impl, chunk) for impl in args.impls}
-    prep_fns = _prepare_fns(dk**-0.5, chunk) if "pallas" in fns else {}
+    prep_fns = _prepare_fns(dk**-0.5, chunk) if "pallas" in fns and not args.no_prepare else {}
     for b in args.batch:
         for t in args.seqlen:
             if time.perf_counter() - start > args.time_budget:
@@ -397,8 +426,13 @@ def _ssd_torch_fns(chunk):
     except Exception as e:  # noqa: BLE001 - any import failure means: not here
         print(f"mamba_ssm not available: {type(e).__name__}: {e}", flush=True)
     try:
+        import fla.ops.common.chunk_o as chunk_o
         import torch
         from fla.ops.simple_gla import chunk_simple_gla
+
+        # Its gated backward refuses on Hopper with Triton < 3.7.1 (fla issue #640); bypass the
+        # gate to measure it, and check its gradients first (check_ssd) as for the GDN kernel.
+        chunk_o.TRITON_ABOVE_3_7_1 = True
 
         def f_fwd(x, dt, A, B, C):
             # q = C, k = B, v = dt x, g = dt A; fla has no groups, so B, C are per head.
@@ -506,9 +540,13 @@ def main():
     p.add_argument("--dv", type=int, default=64)
     p.add_argument("--impls", nargs="+", default=["pallas", "xla"])
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="gdn: skip the rows that time the chunk-local preparation alone")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check of our Pallas form")
     p.add_argument("--markdown", default=None, help="append one table row per measurement to this file")
-    p.add_argument("--tune", action="store_true", help="sweep our GPU kernel's launch parameters first")
+    p.add_argument("--tune", nargs="*", choices=["prepare", "recurrence"],
+                   help="first sweep the launch parameters of our GPU kernels (gdn): the chunk-local "
+                        "`gpu_prepare` kernels, the recurrence, or both (no argument)")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds; later configs are skipped")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels._common import rel_rms  # noqa: E402
-from bench_kernels import (SSD_GROUPS, _ssd_jax_fns, _ssd_torch_fns, _to_torch, median_time,  # noqa: E402
-                           ssd_flops, ssd_inputs)
+from bench_kernels import (SSD_GROUPS, _ssd_jax_fns, _ssd_torch_fns, _to_torch, check_ssd,  # noqa: E402
+                           median_time, ssd_flops, ssd_inputs)
 
 H, P, N = 32, 64, 128
 
@@ -172,6 +172,7 @@ def stage_nan(args, rep):
 def stage_baselines(args, rep):
     deadline = time.perf_counter() + args.budget
     fns = _ssd_torch_fns(256)  # mamba_ssm's default chunk; fla's chunk_simple_gla uses its own, 64
+    rep.add("check", check_ssd(fns))  # their outputs and gradients vs our float64 reference first
     for name, chunk in (("mamba_ssm", 256), ("fla", 64)):
         fn = fns.get(name)
         if fn is None:

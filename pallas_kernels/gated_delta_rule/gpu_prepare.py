@@ -14,8 +14,10 @@ T is built in 16 x 16 blocks: each diagonal block by forward substitution (one m
 row update per step, exact in float32), then the blocks below the diagonal by block
 forward substitution, T_ab = -T_aa sum_m L_am T_mb, with small dots. Float32 dots run
 at Precision.HIGHEST (Triton "ieee"; DEFAULT would be TF32, too coarse for the
-inverse); dots of bf16 inputs (K K^T, Q K^T) use the bf16 tensor cores with float32
-accumulation, whose products are exact. Outputs are written head-major [BH, Tp, D],
+inverse); K K^T, Q K^T and the products with T (w, u and their reverse) run in the
+inputs' dtype, so bf16 inputs use the tensor cores with float32 accumulation; so do the
+backward's products with K- and V-wide operands (float32 gradients rounded to bf16, as
+flash-linear-attention does). Outputs are written head-major [BH, Tp, D],
 the layout of the recurrence kernels in `gpu.py`.
 
 The backward kernel recomputes G, L, T, w and u for its chunk rather than storing
@@ -43,11 +45,11 @@ from pallas_kernels._common import chunk_segments, pad_time
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
 from pallas_kernels.gated_delta_rule.xla import Chunked
 
-# Launch parameters of both kernels, untuned (no GPU measurements yet): nothing here loops
-# over memory, so one stage; num_warps=None picks 4 for K, V <= 64 and 8 above, where the
-# backward's per-block [16, K] float32 tiles would otherwise spill registers.
+# Launch parameters of both kernels. Nothing here loops over memory, so one stage. Four
+# warps: on an H200 (BENCHMARKS.md) 8 warps made an illegal memory access at K = V = 128
+# and were slower at 64; 2 warps gave the faster forward but a slower backward.
 # f32_dot: see F32_DOTS (interpret mode always uses "ieee").
-BLOCKS = dict(num_warps=None, num_stages=1, f32_dot="ieee")
+BLOCKS = dict(num_warps=4, num_stages=1, f32_dot="ieee")
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
 
 _F32 = jnp.float32
@@ -95,6 +97,14 @@ class _Chunk:
 
     def __init__(self, q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, *, c, bs, scale, f32_dot):
         self.mm = functools.partial(_mm, f32_dot=f32_dot)
+        # T [k | v] and T^T [dw | du] run in the inputs' dtype: 16-bit operands on the
+        # tensor cores, as the XLA form does; float32 inputs keep float32 dots.
+        cd = k_ref.dtype
+
+        def apply_mm(a, b, **kw):
+            return self.mm(a.astype(cd), b.astype(cd), **kw)
+
+        self.apply_mm = apply_mm
         self.q_ref, self.k_ref, self.v_ref, self.seg_refs = q_ref, k_ref, v_ref, seg_refs
         self.c, self.bs, self.nb, self.scale = c, bs, c // bs, scale
         nb = self.nb
@@ -181,7 +191,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     nb, mm = ch.nb, ch.mm
     k, _, _, _, t = ch.solve()
     rw, ru = zip(*(ch.rhs(k, a) for a in range(nb)))
-    for a, (w, u) in enumerate(zip(_apply_lower(mm, t, rw, nb), _apply_lower(mm, t, ru, nb))):
+    am = ch.apply_mm
+    for a, (w, u) in enumerate(zip(_apply_lower(am, t, rw, nb), _apply_lower(am, t, ru, nb))):
         w_ref[ch._rows(a), :] = w.astype(w_ref.dtype)
         u_ref[ch._rows(a), :] = u.astype(u_ref.dtype)
     for a in range(nb):
@@ -205,10 +216,11 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     nb, mm = ch.nb, ch.mm
     k, kk, e, lo, t = ch.solve()
     rw, ru = zip(*(ch.rhs(k, a) for a in range(nb)))
-    w, u = _apply_lower(mm, t, rw, nb), _apply_lower(mm, t, ru, nb)
+    am = ch.apply_mm
+    w, u = _apply_lower(am, t, rw, nb), _apply_lower(am, t, ru, nb)
     dw = [ch.tile(dw_ref, a).astype(_F32) for a in range(nb)]
     du = [ch.tile(du_ref, a).astype(_F32) for a in range(nb)]
-    drw, dru = _apply_lower_t(mm, t, dw, nb), _apply_lower_t(mm, t, du, nb)
+    drw, dru = _apply_lower_t(am, t, dw, nb), _apply_lower_t(am, t, du, nb)
     k32 = [x.astype(_F32) for x in k]
     q = [ch.tile(q_ref, a) for a in range(nb)]
     q32 = [x.astype(_F32) for x in q]
@@ -221,7 +233,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     rowsum = lambda x: jnp.sum(x, axis=1)
 
     # dL = -T^T (dW W^T + dU U^T), block (a, b) for a >= b.
-    gram = {(m, b): mm(dw[m], w[b], tb=True) + mm(du[m], u[b], tb=True) for m in range(nb) for b in range(m + 1)}
+    gram = {(m, b): am(dw[m], w[b], tb=True) + am(du[m], u[b], tb=True) for m in range(nb) for b in range(m + 1)}
     for a in range(nb):
         for b in range(a + 1):
             dl = -sum((mm(t[m, a], gram[m, b], ta=True) for m in range(a + 1, nb)), mm(t[a, a], gram[a, b], ta=True))
@@ -232,12 +244,12 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
             y = dl * lo[a, b]
             dgc[a] += rowsum(y)
             dgc[b] -= jnp.sum(y, axis=0)
-            dk[a] += mm(dkk, k32[b])
-            dk[b] += mm(dkk, k32[a], ta=True)
+            dk[a] += am(dkk, k[b])
+            dk[b] += am(dkk, k[a], ta=True)
             # aqk_ij = scale (q_i . k_j) E_ij on the causal pairs
             p = scale * daqk_ref[ch._rows(a), pl.ds(b * bs, bs)].astype(_F32) * ch.decay(a, b, strict=False)
-            dq[a] += mm(p, k32[b])
-            dk[b] += mm(p, q32[a], ta=True)
+            dq[a] += am(p, k[b])
+            dk[b] += am(p, q[a], ta=True)
             x = p * mm(q[a], k[b], tb=True)
             dgc[a] += rowsum(x)
             dgc[b] -= jnp.sum(x, axis=0)
@@ -306,9 +318,8 @@ def _sub(c):
     return SUB if c % SUB == 0 else c
 
 
-def _compiler_params(dk, dv):
-    warps = BLOCKS["num_warps"] or (4 if max(dk, dv) <= 64 else 8)
-    return plgpu.CompilerParams(num_warps=warps, num_stages=BLOCKS["num_stages"])
+def _compiler_params():
+    return plgpu.CompilerParams(num_warps=BLOCKS["num_warps"], num_stages=BLOCKS["num_stages"])
 
 
 def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False, f32_dot=None):
@@ -331,7 +342,7 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
         in_specs=_specs(b, h, c, dk, dv, has_seg),
         out_specs=_chunked_specs(c, dk, dv),
         out_shape=[shape(dk), shape(dv), shape(dk), shape(c), shape(dk)],
-        compiler_params=_compiler_params(dk, dv),
+        compiler_params=_compiler_params(),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=bht * (c + 2), bytes_accessed=nbytes),
         interpret=interpret,
         name="gdn_prepare_fwd",
@@ -361,7 +372,7 @@ def prepare_bwd(q, k, v, g, beta, segs, dw, du, dqg, daqk, dkg, *, chunk_size, s
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(dk, dv),
+        compiler_params=_compiler_params(),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=bht * (c + 2), bytes_accessed=nbytes),
         interpret=interpret,
         name="gdn_prepare_bwd",

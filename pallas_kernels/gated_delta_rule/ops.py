@@ -7,9 +7,10 @@ mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
 
 In the Pallas form the sequential recurrence is a kernel with a custom VJP. The
 chunk-local part before it (w, u, qg, Aqk, kg per chunk) is plain JAX (`xla.prepare`,
-differentiated by autodiff) by default; on GPU, `prepare_impl="pallas"` runs it in the
-`gpu_prepare` kernels instead (forward, and a backward that recomputes them), which
-are not yet faster. The backward pass of the recurrence does
+differentiated by autodiff except for its triangular solve, whose VJP is closed form)
+by default; on GPU, `prepare_impl="pallas"` runs it in the `gpu_prepare` kernels
+instead (forward, and a backward that recomputes them), which are still slower than
+XLA's (BENCHMARKS.md). The backward pass of the recurrence does
 not keep the per-chunk states from the forward pass: it recomputes them with the
 forward kernel, walks the chunks backwards in the backward kernel, and then forms the
 remaining gradients with batched matrix products over all chunks at once.
@@ -25,15 +26,10 @@ import jax.numpy as jnp
 from pallas_kernels._common import default_interpret
 from pallas_kernels.gated_delta_rule import gpu, gpu_prepare, tpu
 from pallas_kernels.gated_delta_rule.reference import fused_recurrent_gated_delta_rule
-from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, finish, prepare
+from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, einsum, finish, prepare
 
 IMPLS = ("auto", "xla", "pallas", "reference")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
-
-
-def _einsum(spec, a, b):
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,11 +66,11 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
         chunks = lambda x: x.reshape(bh, n, c, x.shape[-1])
         do_c, vn_c, dv_c = chunks(do), chunks(v_new), chunks(dv)
         # o = qg h + aqk v_new ; v_new = u - w h ; h' = decay h + kg^T v_new
-        dqg = _einsum("bncv,bnkv->bnck", do_c, h)
-        daqk = _einsum("bnic,bnjc->bnij", do_c, vn_c)
-        dkg = _einsum("bncv,bnkv->bnck", vn_c, dh)
-        dw = -_einsum("bncv,bnkv->bnck", dv_c.astype(w.dtype), h)
-        ddecay = _einsum("bnkv,bnkv->bn", h, dh)
+        dqg = einsum("bncv,bnkv->bnck", do_c, h)
+        daqk = einsum("bnic,bnjc->bnij", do_c, vn_c)
+        dkg = einsum("bncv,bnkv->bnck", vn_c, dh)
+        dw = -einsum("bncv,bnkv->bnck", dv_c.astype(w.dtype), h)
+        ddecay = einsum("bnkv,bnkv->bn", h, dh)
         flat = lambda x, like: x.reshape(like.shape).astype(like.dtype)
         return (
             flat(dw, w), dv.astype(u.dtype), flat(dqg, qg), flat(daqk, aqk), flat(dkg, kg),
@@ -91,7 +87,7 @@ def chunk_gated_delta_rule_pallas(
 ):
     """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
     running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: the
-    chunk-local part in XLA ("xla", the default: measured faster on an H200 so far, see
+    chunk-local part in XLA ("xla", the default: measured faster on an H200, see
     BENCHMARKS.md) or in the `gpu_prepare` kernels ("pallas", GPU backend only)."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
     interpret = default_interpret(interpret)

@@ -22,6 +22,7 @@ a chunk that contains a segment start.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -132,16 +133,51 @@ def unit_lower_inverse(a):
         pairs = jnp.diagonal(a.reshape(batch + (m, 2, s, m, 2, s)), axis1=-6, axis2=-3)
         a21 = jnp.moveaxis(pairs[..., 1, :, 0, :, :], -1, -3)
         x, y = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        z = -_dot_batched(_dot_batched(y, a21), x)
+        z = -einsum("...ij,...jk->...ik", einsum("...ij,...jk->...ik", y, a21), x)
         top = jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)
         inv = jnp.concatenate([top, jnp.concatenate([z, y], axis=-1)], axis=-2)
         s *= 2
     return inv.reshape(batch + (p, p))[..., :c, :c]
 
 
-def _dot_batched(a, b):
+def einsum(spec, a, b):
+    """jnp.einsum accumulating in float32 or wider; float32 operands at full precision
+    (no TF32), 16-bit ones on the tensor cores (exact products)."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.matmul(a, b, precision=precision)
+    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def solve_unit_lower(lower, rhs, dtype):
+    """(I + L)^-1 R for strictly lower L [..., C, C] and R [..., C, D] (both float32 or
+    wider): the inverse exactly (`unit_lower_inverse`), its product with R in `dtype`
+    (16-bit operands on the tensor cores), accumulated in float32 or wider.
+
+    The VJP is closed form, two products instead of autodiff through log2(C) levels:
+    X = T R with T = (I + L)^-1 gives dR = T^T dX and dL = -dR X^T (strictly lower part).
+    """
+    return _solve_unit_lower_fwd(lower, rhs, dtype)[0]
+
+
+def _solve_unit_lower_fwd(lower, rhs, dtype):
+    c = lower.shape[-1]
+    inv = unit_lower_inverse(jnp.eye(c, dtype=lower.dtype) + lower).astype(dtype)
+    x = einsum("...ij,...jd->...id", inv, rhs.astype(dtype))
+    return x, (inv, x.astype(dtype))
+
+
+def _solve_unit_lower_bwd(dtype, res, dx):
+    inv, x = res
+    acc = jnp.promote_types(dtype, jnp.float32)
+    drhs = einsum("...ji,...jd->...id", inv, dx.astype(dtype))
+    dlower = -einsum("...id,...jd->...ij", drhs.astype(dtype), x)
+    c = inv.shape[-1]
+    dlower = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), dlower, 0.0)
+    return dlower.astype(acc), drhs.astype(acc)
+
+
+solve_unit_lower.defvjp(_solve_unit_lower_fwd, _solve_unit_lower_bwd)
 
 
 def _to_chunks(x, n, c):
@@ -156,15 +192,20 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
 
     Returns `Chunked` with w, u, qg, aqk, kg in `operand_dtype` (default: the
     dtype of v, so bf16 inputs give bf16 matrix operands) and decay in float32.
+    q, k, v stay in their own dtype up to the products K K^T, Q K^T and T [k | v]
+    (16-bit operands, float32 accumulation); the decays, L and its inverse T are
+    float32 or wider.
     """
     b, t, h, _ = q.shape
     c = chunk_size
     tp = t + (-t) % c
     n = tp // c
     od = operand_dtype or v.dtype
-    f32 = jnp.promote_types(jnp.result_type(q, k, v, g, beta), jnp.float32)
+    cd = jnp.result_type(q, k, v)
+    f32 = jnp.promote_types(jnp.result_type(cd, g, beta), jnp.float32)
     # Padding with g = 0, beta = 0, k = v = q = 0 leaves the state unchanged.
-    q, k, v, g, beta = (pad_time(x.astype(f32), c) for x in (q, k, v, g, beta))
+    q, k, v = (pad_time(x.astype(cd), c) for x in (q, k, v))
+    g, beta = (pad_time(x.astype(f32), c) for x in (g, beta))
     segs = chunk_segments(segment_ids, t, c)
 
     qc, kc, vc = (_to_chunks(x, n, c) for x in (q, k, v))  # [B,H,N,C,D]
@@ -182,17 +223,16 @@ def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=N
 
     carry_in, carry_out = segs.carry_in[:, None].astype(f32), segs.carry_out[:, None].astype(f32)
 
-    kk = jnp.einsum("bhnik,bhnjk->bhnij", kc, kc)
+    kk = einsum("bhnik,bhnjk->bhnij", kc, kc)
     lower = jnp.where(strict, bc[..., :, None] * kk * decay_ij, 0.0)
-    eye = jnp.eye(c, dtype=f32)
     rhs = jnp.concatenate(
         [(bc * jnp.exp(gcum) * carry_in)[..., None] * kc, bc[..., None] * vc], axis=-1
     )
-    wu = _dot_batched(unit_lower_inverse(eye + lower), rhs)
+    wu = solve_unit_lower(lower, rhs, cd)
     w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
 
     qg = (scale * jnp.exp(gcum) * carry_in)[..., None] * qc
-    aqk = scale * jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * decay_ij
+    aqk = scale * einsum("bhnik,bhnjk->bhnij", qc, kc) * decay_ij
     kg = (jnp.exp(glast - gcum) * carry_out)[..., None] * kc
     decay = jnp.exp(glast[..., 0]) * segs.carry_across[:, None].astype(f32)
     return Chunked(
