@@ -165,17 +165,20 @@ class _Chunk:
                 t[a, b] = -self.mm(t[a, a], acc)
         return k, kk, e, lo, t
 
-    def rhs(self, k, a):
-        """Right-hand sides of w and u for block a (float32)."""
-        eg = jnp.exp(self.gc[a])
-        rw = self.carry(self.beta[a] * eg, a, "in")[:, None] * k[a].astype(_F32)
-        ru = self.beta[a][:, None] * self.tile(self.v_ref, a).astype(_F32)
-        return rw, ru
+    def rhs_w(self, k, a):
+        """Right-hand side of w for block a, beta e^G carry_in k, in the inputs' dtype."""
+        rw = self.carry(self.beta[a] * jnp.exp(self.gc[a]), a, "in")[:, None] * k[a].astype(_F32)
+        return rw.astype(self.k_ref.dtype)
+
+    def rhs_u(self, a):
+        """Right-hand side of u for block a, beta v, in the inputs' dtype."""
+        return (self.beta[a][:, None] * self.tile(self.v_ref, a).astype(_F32)).astype(self.k_ref.dtype)
 
 
 def _apply_lower(mm, t, x, nb):
-    """(T X) blocks for block-lower T."""
-    return [sum((mm(t[a, b], x[b]) for b in range(1, a + 1)), mm(t[a, 0], x[0])) for a in range(nb)]
+    """(T X) blocks for block-lower T, one at a time (a generator: a caller that stores each
+    block as it comes keeps one block's float32 accumulator live, not nb)."""
+    return (sum((mm(t[a, b], x[b]) for b in range(1, a + 1)), mm(t[a, 0], x[0])) for a in range(nb))
 
 
 def _apply_lower_t(mm, t, x, nb):
@@ -190,11 +193,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     ch = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, c=c, bs=bs, scale=scale, f32_dot=f32_dot)
     nb, mm = ch.nb, ch.mm
     k, _, _, _, t = ch.solve()
-    rw, ru = zip(*(ch.rhs(k, a) for a in range(nb)))
-    am = ch.apply_mm
-    for a, (w, u) in enumerate(zip(_apply_lower(am, t, rw, nb), _apply_lower(am, t, ru, nb))):
-        w_ref[ch._rows(a), :] = w.astype(w_ref.dtype)
-        u_ref[ch._rows(a), :] = u.astype(u_ref.dtype)
+    t = {key: x.astype(k_ref.dtype) for key, x in t.items()}
+    # One right-hand side at a time, each block stored once complete: fewer live float32
+    # tiles (the kernel spilled registers when w and u were formed together).
+    for ref, x in ((w_ref, [ch.rhs_w(k, a) for a in range(nb)]), (u_ref, [ch.rhs_u(a) for a in range(nb)])):
+        for a, y in enumerate(_apply_lower(mm, t, x, nb)):
+            ref[ch._rows(a), :] = y.astype(ref.dtype)
     for a in range(nb):
         q_a = ch.tile(q_ref, a)
         eg = jnp.exp(ch.gc[a])
@@ -215,12 +219,13 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     ch = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, c=c, bs=bs, scale=scale, f32_dot=f32_dot)
     nb, mm = ch.nb, ch.mm
     k, kk, e, lo, t = ch.solve()
-    rw, ru = zip(*(ch.rhs(k, a) for a in range(nb)))
-    am = ch.apply_mm
-    w, u = _apply_lower(am, t, rw, nb), _apply_lower(am, t, ru, nb)
-    dw = [ch.tile(dw_ref, a).astype(_F32) for a in range(nb)]
-    du = [ch.tile(du_ref, a).astype(_F32) for a in range(nb)]
-    drw, dru = _apply_lower_t(am, t, dw, nb), _apply_lower_t(am, t, du, nb)
+    cd, am = k_ref.dtype, ch.apply_mm
+    tc = {key: x.astype(cd) for key, x in t.items()}
+    w = [x.astype(cd) for x in _apply_lower(mm, tc, [ch.rhs_w(k, a) for a in range(nb)], nb)]
+    u = [x.astype(cd) for x in _apply_lower(mm, tc, [ch.rhs_u(a) for a in range(nb)], nb)]
+    dw = [ch.tile(dw_ref, a).astype(cd) for a in range(nb)]
+    du = [ch.tile(du_ref, a).astype(cd) for a in range(nb)]
+    drw, dru = _apply_lower_t(mm, tc, dw, nb), _apply_lower_t(mm, tc, du, nb)
     k32 = [x.astype(_F32) for x in k]
     q = [ch.tile(q_ref, a) for a in range(nb)]
     q32 = [x.astype(_F32) for x in q]
@@ -233,7 +238,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     rowsum = lambda x: jnp.sum(x, axis=1)
 
     # dL = -T^T (dW W^T + dU U^T), block (a, b) for a >= b.
-    gram = {(m, b): am(dw[m], w[b], tb=True) + am(du[m], u[b], tb=True) for m in range(nb) for b in range(m + 1)}
+    gram = {(m, b): mm(dw[m], w[b], tb=True) + mm(du[m], u[b], tb=True) for m in range(nb) for b in range(m + 1)}
     for a in range(nb):
         for b in range(a + 1):
             dl = -sum((mm(t[m, a], gram[m, b], ta=True) for m in range(a + 1, nb)), mm(t[a, a], gram[a, b], ta=True))
