@@ -13,7 +13,8 @@ def _has(platform: str) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     for platform in ("gpu", "tpu"):
-        marked = [item for item in items if platform in item.keywords]
+        # The marker itself, not item.keywords: a parameter id "gpu" is a keyword too.
+        marked = [item for item in items if item.get_closest_marker(platform) is not None]
         if marked and not _has(platform):
             skip = pytest.mark.skip(reason=f"needs a {platform.upper()} (JAX sees none)")
             for item in marked:

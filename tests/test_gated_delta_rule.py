@@ -206,6 +206,11 @@ class TestPallasInterpret:
     def test_matches_reference_more_shapes(self, backend, t, chunk, use_h0, use_seg):
         self._check(backend, t, chunk, use_h0, use_seg)
 
+    @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+    def test_widest_head_dims(self, backend):
+        """K = 256, V = 512: the published Gated DeltaNet's key heads and 2x value expansion."""
+        self._check(backend, 40, 16, True, True, dims=(256, 512))
+
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
     def test_pallas_prepare_matches_reference(self, t, chunk, use_h0, use_seg):
         """The whole op with the chunk-local part in the gpu_prepare kernels."""
@@ -232,6 +237,10 @@ class TestPallasGPU(TestPallasInterpret):
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", TestPallasInterpret.CASES)
     def test_matches_reference(self, backend, t, chunk, use_h0, use_seg):
         self._check(backend, t, chunk, use_h0, use_seg)
+
+    @pytest.mark.parametrize("backend", ["gpu"])
+    def test_widest_head_dims(self, backend):
+        self._check(backend, 300, 64, True, True, dims=(256, 512))
 
     test_matches_reference_more_shapes = None
 
@@ -359,14 +368,15 @@ def _export_grad(backend, platform, dtype, dk=128, dv=128, use_seg=False, value=
     return jax.export.export(jax.jit(grads), platforms=(platform,), disabled_checks=disabled)(*args)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_tpu_kernels_lower_with_mosaic(dtype):
-    exported = _export_grad("tpu", "tpu", dtype)
+@pytest.mark.parametrize("dtype,dk,dv", [(jnp.bfloat16, 128, 128), (jnp.float32, 128, 128), (jnp.bfloat16, 256, 512)])
+def test_tpu_kernels_lower_with_mosaic(dtype, dk, dv):
+    exported = _export_grad("tpu", "tpu", dtype, dk=dk, dv=dv)
     # Under grad the primal forward kernel is dead code; the recompute forward and the backward remain.
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
-@pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False)])
+@pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False),
+                                                (jnp.bfloat16, 256, 512, False)])
 def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
     """All four GDN GPU kernels (chunk-local prepare and its reverse, recurrence and its
     reverse) lower to Triton for CUDA on this CPU-only machine."""

@@ -179,6 +179,14 @@ def test_pallas_tpu_kernel_interpret(x64):
     check_against_reference(ssd_pallas, CASES[1][0], chunk_size=16, interpret=True, platform="tpu")
 
 
+WIDEST = (1, 40, 2, 512, 1, 256, True, True)  # P = 512, N = 256: the widest heads of the contract
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_pallas_widest_head_dims_interpret(x64, platform):
+    check_against_reference(ssd_pallas, WIDEST, chunk_size=16, interpret=True, platform=platform)
+
+
 def test_bf16(x64):
     case = (1, 77, 4, 16, 2, 16, True, True)
     check_against_reference(ssd_xla, case, dtype=jnp.bfloat16, tol=2e-2, chunk_size=32)
@@ -251,9 +259,9 @@ def test_bad_inputs_raise_clear_errors():
         ssd(x, dt, A, B, B, impl="pallas", chunk_size=24, interpret=True)
 
 
-def _export_fwd_bwd(platform, platforms, seg, chunk=64):
+def _export_fwd_bwd(platform, platforms, seg, chunk=64, p=64, n=128):
     """MLIR of jit(value_and_grad) of the Pallas path, exported for `platforms` on this CPU."""
-    b, t, h, p, g, n = 1, 130, 4, 64, 2, 128
+    b, t, h, g = 1, 130, 4, 2
     S = lambda *s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)
     f32 = jnp.float32
 
@@ -272,21 +280,21 @@ def _export_fwd_bwd(platform, platforms, seg, chunk=64):
     return exported.mlir_module()
 
 
-@pytest.mark.parametrize("seg", [False, True])
-def test_tpu_kernel_lowers(seg):
+@pytest.mark.parametrize("seg,p,n", [(False, 64, 128), (True, 64, 128), (False, 512, 256)])
+def test_tpu_kernel_lowers(seg, p, n):
     """The Mosaic TPU kernel (forward and the three backward runs) lowers for TPU on CPU."""
-    assert "tpu_custom_call" in _export_fwd_bwd("tpu", ("tpu",), seg)
+    assert "tpu_custom_call" in _export_fwd_bwd("tpu", ("tpu",), seg, p=p, n=n)
 
 
 GPU_KERNELS = ("ssd_chunk_states", "ssd_state_pass", "ssd_state_pass_rev", "ssd_chunk_outputs",
                "ssd_chunk_grads")
 
 
-@pytest.mark.parametrize("seg,chunk", [(True, 64), (False, 256)])
-def test_gpu_kernels_lower(seg, chunk):
+@pytest.mark.parametrize("seg,chunk,p,n", [(True, 64, 64, 128), (False, 256, 64, 128), (False, 64, 512, 256)])
+def test_gpu_kernels_lower(seg, chunk, p, n):
     """Each Triton kernel of the forward and backward lowers for CUDA on CPU (lowering to the
     Triton dialect happens in Python, so this catches Triton lowering errors early)."""
-    mlir = _export_fwd_bwd("gpu", ("cuda",), seg, chunk)
+    mlir = _export_fwd_bwd("gpu", ("cuda",), seg, chunk, p=p, n=n)
     assert "xla.gpu.triton" in mlir
     missing = [k for k in GPU_KERNELS if k not in mlir]
     assert not missing, f"kernels not in the exported module: {missing}"
@@ -297,6 +305,12 @@ def test_gpu_kernels_lower(seg, chunk):
                                                     ((2, 600, 4, 64, 2, 128, True, True), 256)])
 def test_pallas_gpu_compiled(x64, case, chunk):
     check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=False, platform="gpu")
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_compiled_widest_head_dims(x64):
+    check_against_reference(ssd_pallas, (1, 300, 2, 512, 1, 256, True, True), chunk_size=64, interpret=False,
+                            platform="gpu")
 
 
 @pytest.mark.gpu
