@@ -97,14 +97,10 @@ class _Chunk:
 
     def __init__(self, q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, *, c, bs, scale, f32_dot):
         self.mm = functools.partial(_mm, f32_dot=f32_dot)
-        # T [k | v] and T^T [dw | du] run in the inputs' dtype: 16-bit operands on the
-        # tensor cores, as the XLA form does; float32 inputs keep float32 dots.
-        cd = k_ref.dtype
-
-        def apply_mm(a, b, **kw):
-            return self.mm(a.astype(cd), b.astype(cd), **kw)
-
-        self.apply_mm = apply_mm
+        # The products with K- or V-wide operands (T [k | v], T^T [dw | du], the backward's
+        # dk, dq) run in the inputs' dtype: 16-bit operands on the tensor cores, as the XLA
+        # form does; float32 inputs keep float32 dots.
+        self.cd = k_ref.dtype
         self.q_ref, self.k_ref, self.v_ref, self.seg_refs = q_ref, k_ref, v_ref, seg_refs
         self.c, self.bs, self.nb, self.scale = c, bs, c // bs, scale
         nb = self.nb
@@ -165,14 +161,22 @@ class _Chunk:
                 t[a, b] = -self.mm(t[a, a], acc)
         return k, kk, e, lo, t
 
+    def mm_cd(self, a, b, **kw):
+        """self.mm with both operands in the inputs' dtype."""
+        return self.mm(a.astype(self.cd), b.astype(self.cd), **kw)
+
+    def t_cd(self, t):
+        """T's blocks in the inputs' dtype."""
+        return {key: x.astype(self.cd) for key, x in t.items()}
+
     def rhs_w(self, k, a):
         """Right-hand side of w for block a, beta e^G carry_in k, in the inputs' dtype."""
         rw = self.carry(self.beta[a] * jnp.exp(self.gc[a]), a, "in")[:, None] * k[a].astype(_F32)
-        return rw.astype(self.k_ref.dtype)
+        return rw.astype(self.cd)
 
     def rhs_u(self, a):
         """Right-hand side of u for block a, beta v, in the inputs' dtype."""
-        return (self.beta[a][:, None] * self.tile(self.v_ref, a).astype(_F32)).astype(self.k_ref.dtype)
+        return (self.beta[a][:, None] * self.tile(self.v_ref, a).astype(_F32)).astype(self.cd)
 
 
 def _apply_lower(mm, t, x, nb):
@@ -193,7 +197,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     ch = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, c=c, bs=bs, scale=scale, f32_dot=f32_dot)
     nb, mm = ch.nb, ch.mm
     k, _, _, _, t = ch.solve()
-    t = {key: x.astype(k_ref.dtype) for key, x in t.items()}
+    t = ch.t_cd(t)
     # One right-hand side at a time, each block stored once complete: fewer live float32
     # tiles (the kernel spilled registers when w and u were formed together).
     for ref, x in ((w_ref, [ch.rhs_w(k, a) for a in range(nb)]), (u_ref, [ch.rhs_u(a) for a in range(nb)])):
@@ -219,8 +223,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, c, bs, scale, has_s
     ch = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_refs, c=c, bs=bs, scale=scale, f32_dot=f32_dot)
     nb, mm = ch.nb, ch.mm
     k, kk, e, lo, t = ch.solve()
-    cd, am = k_ref.dtype, ch.apply_mm
-    tc = {key: x.astype(cd) for key, x in t.items()}
+    cd, am = ch.cd, ch.mm_cd
+    tc = ch.t_cd(t)
     w = [x.astype(cd) for x in _apply_lower(mm, tc, [ch.rhs_w(k, a) for a in range(nb)], nb)]
     u = [x.astype(cd) for x in _apply_lower(mm, tc, [ch.rhs_u(a) for a in range(nb)], nb)]
     dw = [ch.tile(dw_ref, a).astype(cd) for a in range(nb)]
