@@ -64,13 +64,17 @@ def check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
         raise ValueError("sequence length T must be at least 1")
 
 
-def _dot(a, b):
-    """a @ b with float32 accumulation (full precision when operands are float32)."""
+def _dot_kwargs(a, b):
+    """Precision and accumulation of every product in this op: float32 operands at full
+    precision (no TF32), 16-bit ones on the tensor cores (exact products), accumulated in
+    float32 or wider."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    acc = jnp.promote_types(a.dtype, jnp.float32)
-    return jax.lax.dot_general(
-        a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
-    )
+    return dict(precision=precision, preferred_element_type=jnp.promote_types(jnp.result_type(a, b), jnp.float32))
+
+
+def _dot(a, b):
+    """a @ b (kernel bodies call this: a plain dot_general)."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), **_dot_kwargs(a, b))
 
 
 def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
@@ -141,11 +145,8 @@ def unit_lower_inverse(a):
 
 
 def einsum(spec, a, b):
-    """jnp.einsum accumulating in float32 or wider; float32 operands at full precision
-    (no TF32), 16-bit ones on the tensor cores (exact products)."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
-    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=acc)
+    """jnp.einsum with the precision and accumulation of `_dot_kwargs`."""
+    return jnp.einsum(spec, a, b, **_dot_kwargs(a, b))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
