@@ -129,8 +129,13 @@ def _jit_fwd_and_fwd_bwd(fwd):
 
 
 def _jax_fns(impl, chunk):
-    from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
+    """impl: one of chunk_gated_delta_rule's, or "pallas-xla-prepare" (the Pallas form
+    with its chunk-local part in XLA, `prepare_impl="xla"`)."""
+    from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_pallas
 
+    if impl == "pallas-xla-prepare":
+        return _jit_fwd_and_fwd_bwd(lambda q, k, v, g, beta: chunk_gated_delta_rule_pallas(
+            q, k, v, g, beta, output_final_state=True, chunk_size=chunk, prepare_impl="xla"))
     return _jit_fwd_and_fwd_bwd(lambda q, k, v, g, beta: chunk_gated_delta_rule(
         q, k, v, g, beta, output_final_state=True, chunk_size=chunk, impl=impl))
 
@@ -212,8 +217,7 @@ def check_ours(h=4, dk=64, dv=64, t=1000):
 
 def _prepare_fns(scale, chunk):
     """{name: (jit fwd, jit fwd+bwd)} of the chunk-local preparation alone: "prepare-xla"
-    (xla.prepare, what impl="pallas" runs by default) and, on GPU, the `gpu_prepare` kernels
-    with exact float32 dots ("prepare-pallas") and with TF32x3 ones ("prepare-pallas-tf32x3")."""
+    (xla.prepare) and, on GPU, the `gpu_prepare` kernels ("prepare-pallas")."""
     from pallas_kernels.gated_delta_rule import gpu_prepare
     from pallas_kernels.gated_delta_rule.xla import prepare
 
@@ -228,8 +232,7 @@ def _prepare_fns(scale, chunk):
 
     fns = {"prepare-xla": fns_of(prepare)}
     if jax.default_backend() == "gpu":
-        tf32x3 = lambda *a, **k: gpu_prepare.prepare(*a, f32_dot="tf32x3", **k)
-        fns.update({"prepare-pallas": fns_of(gpu_prepare.prepare), "prepare-pallas-tf32x3": fns_of(tf32x3)})
+        fns["prepare-pallas"] = fns_of(gpu_prepare.prepare)
     return fns
 
 
@@ -251,9 +254,9 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
 
     q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     timings = []
-    for block_v in (32, 64):
-        for num_stages in (1, 2):
-            for num_warps in (4, 8):
+    for block_v in (16, 32, 64):
+        for num_stages in (2,):
+            for num_warps in (2, 4):
                 gpu.BLOCKS.update(block_v=block_v, num_stages=num_stages, num_warps=num_warps)
                 fwd, fwd_bwd = _jax_fns("pallas", chunk)
                 try:
@@ -272,26 +275,27 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
 
 
 def tune_prepare_gpu(args, chunk, report, b=1, t=16384):
-    """Time the chunk-local `gpu_prepare` kernels, fwd and fwd+bwd, over their warps;
-    leaves BLOCKS as it found them (this is a probe, not a choice)."""
+    """Time the chunk-local `gpu_prepare` kernels, fwd and fwd+bwd, with each kernel's warps
+    swept in turn (the others at their BLOCKS value); leaves BLOCKS as it found them (this
+    is a probe, not a choice)."""
     from pallas_kernels.gated_delta_rule import gpu_prepare
 
     q, k, v, g, beta, _ = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     base = dict(gpu_prepare.BLOCKS)
     timings = []
-    for num_warps in (2, 4):  # 8 made an illegal memory access at K = V = 128 (H200)
-        gpu_prepare.BLOCKS.update(num_warps=num_warps)
-        jax.clear_caches()
-        pf, pfb = _prepare_fns(args.dk**-0.5, chunk)["prepare-pallas"]
-        try:
-            tf, tfb = median_time(pf, q, k, v, g, beta), median_time(pfb, q, k, v, g, beta)
-        except Exception as e:  # noqa: BLE001
-            print(f"tune prepare {gpu_prepare.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            continue
-        timings.append(dict(gpu_prepare.BLOCKS, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3))
-        print(f"tune prepare B={b} T={t} {gpu_prepare.BLOCKS}: fwd {tf * 1e3:.3f} ms, "
-              f"fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
-    gpu_prepare.BLOCKS.clear()
+    for kernel in base:
+        for num_warps in (2, 4, 8):
+            gpu_prepare.BLOCKS.update(base, **{kernel: num_warps})
+            jax.clear_caches()
+            pf, pfb = _prepare_fns(args.dk**-0.5, chunk)["prepare-pallas"]
+            try:
+                tf, tfb = median_time(pf, q, k, v, g, beta), median_time(pfb, q, k, v, g, beta)
+            except Exception as e:  # noqa: BLE001
+                print(f"tune prepare {gpu_prepare.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            timings.append(dict(gpu_prepare.BLOCKS, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3))
+            print(f"tune prepare B={b} T={t} {gpu_prepare.BLOCKS}: fwd {tf * 1e3:.3f} ms, "
+                  f"fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
     gpu_prepare.BLOCKS.update(base)
     report["prepare_tuning"] = timings
 
@@ -538,7 +542,8 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--dk", type=int, default=64)
     p.add_argument("--dv", type=int, default=64)
-    p.add_argument("--impls", nargs="+", default=["pallas", "xla"])
+    p.add_argument("--impls", nargs="+", default=["pallas", "xla"],
+                   help="gdn: pallas, xla, reference, pallas-xla-prepare; ssd: pallas, xla, reference")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-prepare", action="store_true",
                    help="gdn: skip the rows that time the chunk-local preparation alone")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The gated delta rule kernels on one GPU, as measured in BENCHMARKS.md ("Kernels: gated
-# delta rule / Current numbers"): GPU tests of the chunk-local kernels, then pallas vs xla
-# vs fla's chunk_gated_delta_rule at H = 32, K = V = 64 (T = 16K, 8K), ours alone at 64K
+# delta rule / Current numbers"): the GPU tests, then the launch-parameter sweeps and pallas
+# (also with the chunk-local part in XLA) vs xla vs fla's chunk_gated_delta_rule at H = 32,
+# K = V = 64 (T = 16K, 8K; the recurrence runs with the fastest swept blocks), ours alone at 64K
 # (with the NaN/Inf check), fla's reference shape H = 16, K = V = 128, and Nsight Compute
 # counters of the `gpu_prepare` kernels. About 12 minutes, longer than one 10-minute device
 # call, so start it in the background and poll from later calls of the same lease:
@@ -25,9 +26,10 @@ step() {  # step SECONDS NAME CMD...: run CMD under a timeout, its output to $OU
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 B="python3 tools/bench_kernels.py --op gdn --batch 1 --markdown $OUT/gdn_rows.md"
-step 300 gdn_pytest python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider \
-  -k "TestPreparePallasGPU or (TestPallasGPU and (test_matches_reference or test_widest_head_dims))"
-step 600 gdn_h32 $B --heads 32 --dk 64 --dv 64 --seqlen 16384 8192 --json "$OUT/gdn_h32.json"
+step 420 gdn_pytest python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider \
+  -k "TestPreparePallasGPU or TestPallasGPU"
+step 600 gdn_h32 $B --heads 32 --dk 64 --dv 64 --seqlen 16384 8192 --impls pallas pallas-xla-prepare xla \
+  --tune --json "$OUT/gdn_h32.json"
 step 150 gdn_h32_64k $B --heads 32 --dk 64 --dv 64 --seqlen 65536 --no-fla --no-check --impls pallas xla \
   --json "$OUT/gdn_h32_64k.json"
 step 420 gdn_h16 $B --heads 16 --dk 128 --dv 128 --seqlen 16384 --no-check --no-prepare --impls pallas xla \

@@ -3,7 +3,10 @@ gated delta rule: the state recurrence across chunks and its reverse.
 
 One program per (batch*head, block of V columns) walks all chunks in order with the
 [K, BV] state in registers; columns of V never mix, so splitting V gives more
-programs, at the cost of each one re-reading the chunk's K-side tiles. The chunk-local
+programs, at the cost of each one re-reading the chunk's K-side tiles. The forward
+walk does only what the next state needs (v_new = u - w S, S' = decay S + kg^T v_new)
+and stores each chunk's entering state and v_new; the outputs o = qg S + Aqk v_new
+come after, in a kernel with one program per chunk. The chunk-local
 matrices (w, u, qg, Aqk, kg, decay) come from `gpu_prepare` (or `xla.prepare`). Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, recurrence_cost
+from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost
 
 
 # Launch parameters: the fastest fwd+bwd of the 8 combinations that
@@ -47,32 +50,29 @@ def _block_v(dv, block_v):
     return bv
 
 
-def _fwd_kernel(w_ref, u_ref, qg_ref, aqk_ref, kg_ref, decay_ref, h0_ref, o_ref, ht_ref, *save_refs,
-                n_chunks, c):
+def _states_kernel(w_ref, u_ref, kg_ref, decay_ref, h0_ref, h_ref, vn_ref, ht_ref, *, n_chunks, c):
     def body(i, s):
         sl = pl.ds(i * c, c)
-        if save_refs:
-            save_refs[0][i] = s.astype(save_refs[0].dtype)
-        o, v_new, s = chunk_forward_step(
-            s, w_ref[sl, :], u_ref[sl, :], qg_ref[sl, :], aqk_ref[sl, :], kg_ref[sl, :], decay_ref[i]
-        )
-        o_ref[sl, :] = o.astype(o_ref.dtype)
-        if save_refs:
-            save_refs[1][sl, :] = v_new.astype(save_refs[1].dtype)
+        h_ref[i] = s.astype(h_ref.dtype)
+        v_new, s = chunk_state_step(s, w_ref[sl, :], u_ref[sl, :], kg_ref[sl, :], decay_ref[i])
+        vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
         return s
 
     s = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
     ht_ref[...] = s.astype(ht_ref.dtype)
 
 
-def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False,
-                   block_v=None, num_warps=None, num_stages=None):
-    """Run the state recurrence over all chunks.
+def _out_kernel(qg_ref, aqk_ref, h_ref, vn_ref, o_ref):
+    o_ref[...] = chunk_output(h_ref[...], qg_ref[...], aqk_ref[...], vn_ref[...]).astype(o_ref.dtype)
 
-    w, qg, kg: [BH, Tp, K]; u: [BH, Tp, V]; aqk: [BH, Tp, C]; decay: [BH, N] float32;
-    h0: [BH, K, V] float32. Returns o [BH, Tp, V] (u's dtype), final state [BH, K, V]
-    float32 and, with save_states, the state entering each chunk [BH, N, K, V] and
-    v_new [BH, Tp, V] (both u's dtype) for the backward pass.
+
+def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block_v=None, num_warps=None,
+                      num_stages=None):
+    """The sequential part: walk the chunks carrying the state.
+
+    w, kg: [BH, Tp, K]; u: [BH, Tp, V]; decay: [BH, N] float32; h0: [BH, K, V] float32.
+    Returns the state entering each chunk [BH, N, K, V] and v_new [BH, Tp, V] (both u's
+    dtype) and the final state [BH, K, V] float32.
     """
     bh, tp, dk = w.shape
     dv = u.shape[-1]
@@ -84,26 +84,57 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
     col = pl.BlockSpec((None, tp, bv), lambda i, j: (i, 0, j))
     state = pl.BlockSpec((None, dk, bv), lambda i, j: (i, 0, j))
-    out_specs = [col, state]
-    out_shape = [jax.ShapeDtypeStruct((bh, tp, dv), od), jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
-    if save_states:
-        out_specs += [pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col]
-        out_shape += [jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od)]
     itemsize = jnp.dtype(od).itemsize
-    flops, bytes_accessed = recurrence_cost(bh, tp, dk, dv, c, itemsize, save_states=save_states)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, n_chunks=n, c=c),
+        functools.partial(_states_kernel, n_chunks=n, c=c),
         grid=(bh, dv // bv),
-        in_specs=[row(dk), col, row(dk), row(c), row(dk), pl.BlockSpec((None, n), lambda i, j: (i, 0)), state],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        in_specs=[row(dk), col, row(dk), pl.BlockSpec((None, n), lambda i, j: (i, 0)), state],
+        out_specs=[pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col, state],
+        out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od),
+                   jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
         compiler_params=plgpu.CompilerParams(
             num_warps=num_warps or BLOCKS["num_warps"], num_stages=num_stages or BLOCKS["num_stages"]
         ),
-        cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
+        cost_estimate=pl.CostEstimate(
+            flops=4 * bh * tp * dk * dv, transcendentals=0,
+            bytes_accessed=itemsize * bh * (tp * (2 * dk + 2 * dv) + n * dk * dv) + 8 * bh * dk * dv,
+        ),
         interpret=interpret,
-        name="gdn_chunk_fwd",
-    )(w, u, qg, aqk, kg, decay, h0)
+        name="gdn_chunk_states",
+    )(w, u, kg, decay, h0)
+
+
+def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False, **blocks):
+    """Run the state recurrence over all chunks (`recurrence_states`), then form every
+    chunk's output in parallel, one program per (batch*head, chunk).
+
+    w, qg, kg: [BH, Tp, K]; u: [BH, Tp, V]; aqk: [BH, Tp, C]; decay: [BH, N] float32;
+    h0: [BH, K, V] float32. Returns o [BH, Tp, V] (u's dtype), final state [BH, K, V]
+    float32 and, with save_states, the state entering each chunk [BH, N, K, V] and
+    v_new [BH, Tp, V] (both u's dtype) for the backward pass.
+    """
+    h, v_new, ht = recurrence_states(w, u, kg, decay, h0, chunk_size=chunk_size, interpret=interpret, **blocks)
+    bh, tp, dk = w.shape
+    dv = u.shape[-1]
+    c = chunk_size
+    n = tp // c
+    tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
+    itemsize = jnp.dtype(u.dtype).itemsize
+    o = pl.pallas_call(
+        _out_kernel,
+        grid=(bh, n),
+        in_specs=[tile(dk), tile(c), pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0)), tile(dv)],
+        out_specs=tile(dv),
+        out_shape=jax.ShapeDtypeStruct((bh, tp, dv), u.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * bh * tp * dv * (dk + c), transcendentals=0,
+            bytes_accessed=itemsize * bh * (tp * (dk + c + 2 * dv) + n * dk * dv),
+        ),
+        interpret=interpret,
+        name="gdn_chunk_out",
+    )(qg, aqk, h, v_new)
+    return (o, ht, h, v_new) if save_states else (o, ht)
 
 
 def _bwd_kernel(w_ref, qg_ref, aqk_ref, kg_ref, decay_ref, do_ref, dht_ref, dh_ref, dv_ref, dh0_ref, *,

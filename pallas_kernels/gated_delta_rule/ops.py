@@ -6,11 +6,10 @@ inter-chunk recurrence in a Pallas kernel (Triton on GPU, Mosaic on TPU; interpr
 mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
 
 In the Pallas form the sequential recurrence is a kernel with a custom VJP. The
-chunk-local part before it (w, u, qg, Aqk, kg per chunk) is plain JAX (`xla.prepare`,
-differentiated by autodiff except for its triangular solve, whose VJP is closed form)
-by default; on GPU, `prepare_impl="pallas"` runs it in the `gpu_prepare` kernels
-instead (forward, and a backward that recomputes them), which are still slower than
-XLA's (BENCHMARKS.md). The backward pass of the recurrence does
+chunk-local part before it (w, u, qg, Aqk, kg per chunk) runs on GPU in the
+`gpu_prepare` kernels (forward, and a backward from the forward's T, w and u); on TPU,
+and with `prepare_impl="xla"`, it is plain JAX (`xla.prepare`, differentiated by
+autodiff except for its triangular solve, whose VJP is closed form). The backward pass of the recurrence does
 not keep the per-chunk states from the forward pass: it recomputes them with the
 forward kernel, walks the chunks backwards in the backward kernel, and then forms the
 remaining gradients with batched matrix products over all chunks at once.
@@ -83,18 +82,20 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
 
 def chunk_gated_delta_rule_pallas(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
-    chunk_size=64, interpret=None, backend=None, prepare_impl="xla",
+    chunk_size=64, interpret=None, backend=None, prepare_impl=None,
 ):
     """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
     running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: the
-    chunk-local part in XLA ("xla", the default: measured faster on an H200, see
-    BENCHMARKS.md) or in the `gpu_prepare` kernels ("pallas", GPU backend only)."""
+    chunk-local part in the `gpu_prepare` kernels ("pallas", GPU backend only) or in XLA
+    ("xla"); None picks "pallas" on the GPU backend, "xla" on TPU."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
     interpret = default_interpret(interpret)
     if backend is None:
         backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
     if backend not in _KERNELS:
         raise ValueError(f"backend must be one of {tuple(_KERNELS)}, got {backend!r}")
+    if prepare_impl is None:
+        prepare_impl = "pallas" if backend == "gpu" else "xla"
     if prepare_impl not in ("xla", "pallas") or (prepare_impl == "pallas" and backend != "gpu"):
         raise ValueError(f"prepare_impl must be 'xla', or 'pallas' on the gpu backend; got {prepare_impl!r} ({backend})")
     b, t, h, dk = q.shape

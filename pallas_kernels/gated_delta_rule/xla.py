@@ -77,19 +77,28 @@ def _dot(a, b):
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), **_dot_kwargs(a, b))
 
 
-def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
-    """One chunk of the recurrence for one (batch, head), any slice of V columns.
-
-    s: [K, BV] float32 state entering the chunk; w, qg, kg: [C, K]; u: [C, BV];
-    aqk: [C, C]; decay: scalar or broadcastable. Returns (o [C, BV], v_new [C, BV],
-    s' [K, BV]), all float32. Columns of V never mix, which lets kernels split V.
-    """
+def chunk_state_step(s, w, u, kg, decay):
+    """The state part of one chunk of the recurrence, for one (batch, head) and any slice
+    of V columns: s [K, BV] float32 entering the chunk; w, kg: [C, K]; u: [C, BV];
+    decay: scalar or broadcastable. Returns (v_new [C, BV], s' [K, BV]), float32.
+    Columns of V never mix, which lets kernels split V."""
     od = w.dtype
     v_new = u.astype(s.dtype) - _dot(w, s.astype(od))
-    v_new_od = v_new.astype(od)
-    o = _dot(qg, s.astype(od)) + _dot(aqk, v_new_od)
-    s = decay * s + _dot(kg.T, v_new_od)
-    return o, v_new, s
+    return v_new, decay * s + _dot(kg.T, v_new.astype(od))
+
+
+def chunk_output(s, qg, aqk, v_new):
+    """A chunk's output from the state entering it and its v_new (`chunk_state_step`):
+    o = qg s + aqk v_new [C, BV] float32, with s and v_new rounded to qg's dtype."""
+    od = qg.dtype
+    return _dot(qg, s.astype(od)) + _dot(aqk, v_new.astype(od))
+
+
+def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
+    """One chunk of the recurrence: (o, v_new, s'), all float32 (see `chunk_state_step`
+    and `chunk_output`; qg: [C, K], aqk: [C, C])."""
+    v_new, s_next = chunk_state_step(s, w, u, kg, decay)
+    return chunk_output(s, qg, aqk, v_new), v_new, s_next
 
 
 def recurrence_cost(bh, tp, dk, dv, c, itemsize, *, backward=False, save_states=False):
