@@ -385,6 +385,14 @@ def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
         assert f'name = "{name}"' in module, name
 
 
+@pytest.mark.parametrize("dk,dv,expect_prepare_kernels", [(64, 64, True), (128, 128, True), (256, 512, False)])
+def test_gpu_default_prepare_by_head_width(dk, dv, expect_prepare_kernels):
+    """On GPU the chunk-local part runs in the gpu_prepare kernels up to K, V = 128, in XLA above."""
+    module = _export_grad("gpu", "cuda", jnp.bfloat16, dk=dk, dv=dv, value=True, prepare_impl=None).mlir_module()
+    assert ('name = "gdn_prepare_local"' in module) == expect_prepare_kernels
+    assert 'name = "gdn_chunk_states"' in module
+
+
 @pytest.mark.parametrize("c", [1, 3, 16, 63, 64])
 def test_unit_lower_inverse_matches_numpy_float64(c):
     """The doubling inverse inside xla.prepare is exact (float64), any C (padded inside)."""

@@ -27,10 +27,12 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost
 
 
-# Launch parameters: the fastest fwd+bwd of the 8 combinations that
-# `tools/bench_kernels.py --tune` swept on an H100 (BENCHMARKS.md). A V block of 32
-# gives B*H*V/32 programs (64 at batch 1 with 32 heads of 64, still under the 132
-# SMs); two stages let Triton prefetch the next chunk's tiles during the dots.
+# Launch parameters of the sequential kernels: the fastest fwd+bwd of the 8 combinations
+# that `tools/bench_kernels.py --tune` swept on an H100, when the walk also formed the
+# outputs (BENCHMARKS.md). On an H200 after the split, V blocks 16/32/64 x 2/4 warps
+# differed by less than that run's noise, so they stay. A V block of 32 gives B*H*V/32
+# programs (64 at batch 1 with 32 heads of 64, still under the 132 SMs); two stages let
+# Triton prefetch the next chunk's tiles during the dots.
 BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
 
 

@@ -46,10 +46,15 @@ from pallas_kernels._common import chunk_segments, pad_time
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
 from pallas_kernels.gated_delta_rule.xla import Chunked
 
-# Warps per program of each kernel (nothing here loops over memory, so one stage): the
-# fastest of 2, 4 and 8 for each on an H200 (`bench_kernels.py --tune prepare`, BENCHMARKS.md).
+# Warps per program of each kernel (nothing here loops over memory, so one stage). In the
+# H200 sweep (`bench_kernels.py --tune prepare`, BENCHMARKS.md) 2 warps made the backward
+# spill and 8 slowed the solve; the other differences were within the run's noise.
 BLOCKS = dict(local=4, solve=4, wu=4, bwd=4)
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
+# Widest K or V the op sends here by default (ops.py): the kernels hold whole [C, K] and
+# [C, V] float32 tiles, which at K = 256 or V = 512 would not fit in registers. Measured
+# on GPU up to 128 (BENCHMARKS.md); wider heads use xla.prepare.
+MAX_WIDTH = 128
 
 _F32 = jnp.float32
 

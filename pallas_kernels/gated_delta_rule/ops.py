@@ -7,8 +7,9 @@ mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
 
 In the Pallas form the sequential recurrence is a kernel with a custom VJP. The
 chunk-local part before it (w, u, qg, Aqk, kg per chunk) runs on GPU in the
-`gpu_prepare` kernels (forward, and a backward from the forward's T, w and u); on TPU,
-and with `prepare_impl="xla"`, it is plain JAX (`xla.prepare`, differentiated by
+`gpu_prepare` kernels (forward, and a backward from the forward's T, w and u) for head
+dims up to `gpu_prepare.MAX_WIDTH`; on TPU, for wider heads and with
+`prepare_impl="xla"`, it is plain JAX (`xla.prepare`, differentiated by
 autodiff except for its triangular solve, whose VJP is closed form). The backward pass of the recurrence does
 not keep the per-chunk states from the forward pass: it recomputes them with the
 forward kernel, walks the chunks backwards in the backward kernel, and then forms the
@@ -87,7 +88,8 @@ def chunk_gated_delta_rule_pallas(
     """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
     running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: the
     chunk-local part in the `gpu_prepare` kernels ("pallas", GPU backend only) or in XLA
-    ("xla"); None picks "pallas" on the GPU backend, "xla" on TPU."""
+    ("xla"); None picks "pallas" on the GPU backend for K, V <= gpu_prepare.MAX_WIDTH,
+    else "xla"."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
     interpret = default_interpret(interpret)
     if backend is None:
@@ -95,7 +97,8 @@ def chunk_gated_delta_rule_pallas(
     if backend not in _KERNELS:
         raise ValueError(f"backend must be one of {tuple(_KERNELS)}, got {backend!r}")
     if prepare_impl is None:
-        prepare_impl = "pallas" if backend == "gpu" else "xla"
+        wide = max(q.shape[-1], v.shape[-1]) > gpu_prepare.MAX_WIDTH
+        prepare_impl = "pallas" if backend == "gpu" and not wide else "xla"
     if prepare_impl not in ("xla", "pallas") or (prepare_impl == "pallas" and backend != "gpu"):
         raise ValueError(f"prepare_impl must be 'xla', or 'pallas' on the gpu backend; got {prepare_impl!r} ({backend})")
     b, t, h, dk = q.shape
