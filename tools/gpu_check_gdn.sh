@@ -4,10 +4,11 @@
 # (also with the chunk-local part in XLA) vs xla vs fla's chunk_gated_delta_rule at H = 32,
 # K = V = 64 (T = 16K, 8K; the recurrence runs with the fastest swept blocks), ours alone at 64K
 # (with the NaN/Inf check), fla's reference shape H = 16, K = V = 128, and Nsight Compute
-# counters of the `gpu_prepare` kernels. About 12 minutes, longer than one 10-minute device
-# call, so start it in the background and poll from later calls of the same lease:
+# counters of the `gpu_prepare` kernels. About 25 minutes on an H200 (the op's GPU tests
+# alone took over 7), longer than one 10-minute device call, so start it in the
+# background and poll from later calls of the same lease:
 #     OUT=/tmp/gdn setsid nohup bash tools/gpu_check_gdn.sh > /tmp/gdn.out 2>&1 < /dev/null &
-#     for i in $(seq 57); do sleep 10; grep -q "^== done" /tmp/gdn.out && break; done
+#     for i in $(seq 57); do sleep 10; grep -q "^== done" /tmp/gdn.out && break; done; tail /tmp/gdn.out
 # Each step has its own timeout and writes as it goes to $OUT: gdn_rows.md (markdown rows),
 # gdn_*.json (rewritten after every row), *.log. fla-core 0.6.0 comes as a wheel in .whl/
 # (never committed); without it the fla rows are skipped.
@@ -26,8 +27,9 @@ step() {  # step SECONDS NAME CMD...: run CMD under a timeout, its output to $OU
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 B="python3 tools/bench_kernels.py --op gdn --batch 1 --markdown $OUT/gdn_rows.md"
-step 420 gdn_pytest python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider \
-  -k "TestPreparePallasGPU or TestPallasGPU"
+T="python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider"
+step 240 gdn_pytest_prepare $T -k TestPreparePallasGPU
+step 600 gdn_pytest_op $T -k TestPallasGPU
 step 600 gdn_h32 $B --heads 32 --dk 64 --dv 64 --seqlen 16384 8192 --impls pallas pallas-xla-prepare xla \
   --tune --json "$OUT/gdn_h32.json"
 step 150 gdn_h32_64k $B --heads 32 --dk 64 --dv 64 --seqlen 65536 --no-fla --no-check --impls pallas xla \
@@ -35,5 +37,5 @@ step 150 gdn_h32_64k $B --heads 32 --dk 64 --dv 64 --seqlen 65536 --no-fla --no-
 step 420 gdn_h16 $B --heads 16 --dk 128 --dv 128 --seqlen 16384 --no-check --no-prepare --impls pallas xla \
   --json "$OUT/gdn_h16.json"
 step 120 gdn_ncu python3 tools/ncu_gdn_prepare.py
-tail -n 3 "$OUT/gdn_pytest.log"; cat "$OUT/gdn_ncu.log"; cat "$OUT/gdn_rows.md"
+tail -n 2 "$OUT"/gdn_pytest_*.log; grep -h finite "$OUT"/gdn_h*.log; cat "$OUT/gdn_ncu.log"; cat "$OUT/gdn_rows.md"
 echo "== done in ${SECONDS}s"
