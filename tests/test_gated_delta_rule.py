@@ -296,16 +296,21 @@ class TestPreparePallas:
     def test_matches_xla_prepare_more_shapes(self, t, chunk, dk, use_seg, dtype):
         self._check(t, chunk, dk, use_seg, dtype)
 
-    def test_inverse_is_exact_on_a_hard_chunk(self):
-        """Unit decay, beta = 1 and keys that nearly repeat make I + L far from the identity:
-        w, u still match the float64 triangular solve of xla.prepare to float32 accuracy."""
-        x = make_inputs(3, 1, 64, 1, 16, 16)
-        base = jax.random.normal(jax.random.key(4), (16,))
-        k = base + 0.3 * x["k"]
+    @staticmethod
+    def _hard_chunk(d, dtype=jnp.float32):
+        """One 64-token chunk with unit decay, beta = 1 and keys that nearly repeat, which
+        make I + L far from the identity: (q, k, v, g, beta) and prepare's keywords."""
+        x = make_inputs(3, 1, 64, 1, d, d)
+        k = jax.random.normal(jax.random.key(4), (d,)) + 0.3 * x["k"]
         x.update(k=k / jnp.linalg.norm(k, axis=-1, keepdims=True), g=jnp.zeros_like(x["g"]),
                  beta=jnp.ones_like(x["beta"]))
-        kw = dict(scale=0.25, segment_ids=None, chunk_size=64)
-        args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+        args = [x[n].astype(dtype) for n in ("q", "k", "v", "g", "beta")]
+        return args, dict(scale=d**-0.5, segment_ids=None, chunk_size=64)
+
+    def test_inverse_is_exact_on_a_hard_chunk(self):
+        """On the hard chunk, w and u match the float64 triangular solve of xla.prepare to
+        float32 accuracy."""
+        args, kw = self._hard_chunk(16)
         got = gpu_prepare.prepare(*args, interpret=self.INTERPRET, **kw)
         with jax.enable_x64(True):
             want = xla_prepare(*(a.astype(jnp.float64) for a in args), **kw)
@@ -314,18 +319,11 @@ class TestPreparePallas:
     def test_bf16_inverse_on_a_hard_chunk(self):
         """With bf16 inputs the solve's dots may be TF32 (on GPU): w and u on the hard chunk
         stay within twice the error of xla.prepare, which inverts exactly and then rounds."""
-        x = make_inputs(3, 1, 64, 1, 64, 64)
-        base = jax.random.normal(jax.random.key(4), (64,))
-        k = base + 0.3 * x["k"]
-        x.update(k=k / jnp.linalg.norm(k, axis=-1, keepdims=True), g=jnp.zeros_like(x["g"]),
-                 beta=jnp.ones_like(x["beta"]))
-        kw = dict(scale=0.125, segment_ids=None, chunk_size=64)
-        args = [x[n] for n in ("q", "k", "v", "g", "beta")]
-        bf16 = [a.astype(jnp.bfloat16) for a in args]
-        got = gpu_prepare.prepare(*bf16, interpret=self.INTERPRET, **kw)
-        rounded = xla_prepare(*bf16, **kw)
+        args, kw = self._hard_chunk(64, jnp.bfloat16)
+        got = gpu_prepare.prepare(*args, interpret=self.INTERPRET, **kw)
+        rounded = xla_prepare(*args, **kw)
         with jax.enable_x64(True):
-            want = xla_prepare(*(a.astype(jnp.float64) for a in bf16), **kw)
+            want = xla_prepare(*(a.astype(jnp.float64) for a in args), **kw)
         for name in ("w", "u"):
             err, err_rounded = (rel_rms(getattr(r, name).astype(jnp.float32), getattr(want, name))
                                 for r in (got, rounded))
