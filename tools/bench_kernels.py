@@ -36,12 +36,14 @@ from pallas_kernels._common import rel_rms  # noqa: E402
 
 
 # ----------------------------------------------------------------- shared helpers
-def median_time(fn, *args, iters=10, warmup=2):
-    """Median wall time of fn(*args) in seconds, synchronising on the result each call."""
+def median_time(fn, *args, iters=10, warmup=2, min_seconds=0.25, max_iters=200):
+    """Median wall time of fn(*args) in seconds, synchronising on the result each call:
+    at least `iters` calls and, up to `max_iters`, until `min_seconds` have been spent, so
+    a millisecond call gets a few hundred samples rather than ten."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(iters):
+    while len(times) < iters or (sum(times) < min_seconds and len(times) < max_iters):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
