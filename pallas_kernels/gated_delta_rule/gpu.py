@@ -34,6 +34,9 @@ from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_outpu
 # programs (64 at batch 1 with 32 heads of 64, still under the 132 SMs); two stages let
 # Triton prefetch the next chunk's tiles during the dots.
 BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
+# V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
+# register tile at K = 256 (the whole [K, V] state would not at V = 512).
+OUT_BLOCK_V = 64
 
 
 def check_power_of_two(interpret, **dims):
@@ -108,7 +111,7 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
 
 def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False, **blocks):
     """Run the state recurrence over all chunks (`recurrence_states`), then form every
-    chunk's output in parallel, one program per (batch*head, chunk).
+    chunk's output in parallel, one program per (batch*head, chunk, OUT_BLOCK_V columns).
 
     w, qg, kg: [BH, Tp, K]; u: [BH, Tp, V]; aqk: [BH, Tp, C]; decay: [BH, N] float32;
     h0: [BH, K, V] float32. Returns o [BH, Tp, V] (u's dtype), final state [BH, K, V]
@@ -120,18 +123,20 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
+    bv = OUT_BLOCK_V if dv % OUT_BLOCK_V == 0 else dv
+    tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j, m: (i, j, 0))
+    col = pl.BlockSpec((None, c, bv), lambda i, j, m: (i, j, m))
     itemsize = jnp.dtype(u.dtype).itemsize
     o = pl.pallas_call(
         _out_kernel,
-        grid=(bh, n),
-        in_specs=[tile(dk), tile(c), pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0)), tile(dv)],
-        out_specs=tile(dv),
+        grid=(bh, n, dv // bv),
+        in_specs=[tile(dk), tile(c), pl.BlockSpec((None, None, dk, bv), lambda i, j, m: (i, j, 0, m)), col],
+        out_specs=col,
         out_shape=jax.ShapeDtypeStruct((bh, tp, dv), u.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         cost_estimate=pl.CostEstimate(
             flops=2 * bh * tp * dv * (dk + c), transcendentals=0,
-            bytes_accessed=itemsize * bh * (tp * (dk + c + 2 * dv) + n * dk * dv),
+            bytes_accessed=itemsize * bh * (tp * (dk + c) * (dv // bv) + 2 * tp * dv + n * dk * dv),
         ),
         interpret=interpret,
         name="gdn_chunk_out",
