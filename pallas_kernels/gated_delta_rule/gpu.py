@@ -34,6 +34,19 @@ from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_outpu
 # programs (64 at batch 1 with 32 heads of 64, still under the 132 SMs); two stages let
 # Triton prefetch the next chunk's tiles during the dots.
 BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
+# Shared memory the pipelined tiles of one sequential program may take over all stages:
+# K = 256 with two stages asked for 248 KiB on an H200 (227 KiB there), so wide heads get
+# fewer stages. 128 KiB keeps the measured two stages up to K = 128.
+PIPELINE_BYTES = 128 * 1024
+
+
+def _compiler_params(num_warps, num_stages, stage_bytes):
+    """Triton parameters, with at most the stages whose tiles (stage_bytes each) fit PIPELINE_BYTES."""
+    stages = num_stages or BLOCKS["num_stages"]
+    stages = max(1, min(stages, PIPELINE_BYTES // stage_bytes))
+    return plgpu.CompilerParams(num_warps=num_warps or BLOCKS["num_warps"], num_stages=stages)
+
+
 # V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
 # register tile at K = 256 (the whole [K, V] state would not at V = 512).
 OUT_BLOCK_V = 64
@@ -97,9 +110,7 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
         out_specs=[pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col, state],
         out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od),
                    jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps or BLOCKS["num_warps"], num_stages=num_stages or BLOCKS["num_stages"]
-        ),
+        compiler_params=_compiler_params(num_warps, num_stages, itemsize * c * (2 * dk + bv)),
         cost_estimate=pl.CostEstimate(
             flops=4 * bh * tp * dk * dv, transcendentals=0,
             bytes_accessed=itemsize * bh * (tp * (2 * dk + 2 * dv) + n * dk * dv) + 8 * bh * dk * dv,
@@ -189,9 +200,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
             jax.ShapeDtypeStruct((bh, tp, dv_dim), jnp.float32),
             jax.ShapeDtypeStruct((bh, dk, dv_dim), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps or BLOCKS["num_warps"], num_stages=num_stages or BLOCKS["num_stages"]
-        ),
+        compiler_params=_compiler_params(num_warps, num_stages, itemsize * c * (3 * dk + c + bv)),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="gdn_chunk_bwd",
