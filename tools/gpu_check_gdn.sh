@@ -4,7 +4,7 @@
 # (also with the chunk-local part in XLA) vs xla vs fla's chunk_gated_delta_rule at H = 32,
 # K = V = 64 (T = 16K, 8K; the recurrence runs with the fastest swept blocks), ours alone at 64K
 # (with the NaN/Inf check), fla's reference shape H = 16, K = V = 128, and Nsight Compute
-# counters of the `gpu_prepare` kernels. About 25 minutes on an H200 (the op's GPU tests
+# counters of every kernel of one fwd+bwd call. About 25 minutes on an H200 (the op's GPU tests
 # alone took over 7), longer than one 10-minute device call, so start it in the
 # background and poll from later calls of the same lease:
 #     OUT=/tmp/gdn setsid nohup bash tools/gpu_check_gdn.sh > /tmp/gdn.out 2>&1 < /dev/null &
@@ -36,6 +36,6 @@ step 150 gdn_h32_64k $B --heads 32 --dk 64 --dv 64 --seqlen 65536 --no-fla --no-
   --json "$OUT/gdn_h32_64k.json"
 step 420 gdn_h16 $B --heads 16 --dk 128 --dv 128 --seqlen 16384 --no-check --no-prepare --impls pallas xla \
   --json "$OUT/gdn_h16.json"
-step 120 gdn_ncu python3 tools/ncu_gdn_prepare.py
+step 180 gdn_ncu python3 tools/ncu_gdn.py
 tail -n 2 "$OUT"/gdn_pytest_*.log; grep -h finite "$OUT"/gdn_h*.log; cat "$OUT/gdn_ncu.log"; cat "$OUT/gdn_rows.md"
 echo "== done in ${SECONDS}s"
