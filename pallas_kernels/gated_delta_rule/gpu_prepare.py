@@ -128,14 +128,15 @@ def _inv_unit_lower(l_mat, precision):
     """(I + L)^-1 for a strictly lower [s, s] L by doubling the inverted diagonal blocks,
     [[X, 0], [A, Y]] -> [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], on the whole tile: with Inv
     block diagonal in h-blocks and A the lower-left h-blocks of each 2h-block (masked out
-    of L), the next Inv is Inv - Inv A Inv. log2(s) levels of two exact dots each."""
+    of L), the next Inv is Inv - Inv A Inv. log2(s) levels of two dots each, float32
+    operands at `precision`."""
     s = l_mat.shape[0]
     r, col = _iota((s, s), 0), _iota((s, s), 1)
+    mm = functools.partial(_mm, precision=precision)
     inv = (r == col).astype(_F32)
     h = 1
     while h < s:
         lower_left = (r // (2 * h) == col // (2 * h)) & ((r // h) % 2 == 1) & ((col // h) % 2 == 0)
-        mm = functools.partial(_mm, precision=precision)
         inv = inv - mm(mm(inv, jnp.where(lower_left, l_mat, 0.0)), inv)
         h *= 2
     return inv
