@@ -72,25 +72,29 @@ def _iota(shape, axis):
 
 
 class _Gates:
-    """A chunk's gates and segment masks: G = cumsum g, G_last, beta, and the pair decays."""
+    """A chunk's gates and segment masks: G = cumsum g, e^G, G_last, beta, and the pair decays."""
 
     def __init__(self, g_ref, beta_ref, seg_refs):
         c = g_ref.shape[0]
         self.c = c
         self.gcum = jnp.cumsum(g_ref[...].astype(_F32))
+        self.eg = jnp.exp(self.gcum)
         self.glast = jnp.sum(jnp.where(_iota((c,), 0) == c - 1, self.gcum, 0.0))
         self.beta = beta_ref[...].astype(_F32)
         self.seg_refs = seg_refs
 
-    def decay(self, strict):
-        """[C, C] exp(G_i - G_j) on pairs j < i (strict) or j <= i of one segment, 0 elsewhere."""
+    def pair_decays(self):
+        """[C, C] exp(G_i - G_j) on pairs of one segment with j < i (strict) and with j <= i
+        (causal), 0 elsewhere: one exp for both."""
         shape = (self.c, self.c)
-        m = _iota(shape, 0) > _iota(shape, 1) if strict else _iota(shape, 0) >= _iota(shape, 1)
+        r, col = _iota(shape, 0), _iota(shape, 1)
+        m = r >= col
         if self.seg_refs is not None:
             seg = self.seg_refs[0][...]
             m = m & (seg[:, None] == seg[None, :])
         diff = self.gcum[:, None] - self.gcum[None, :]
-        return jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
+        causal = jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
+        return jnp.where(r > col, causal, 0.0), causal
 
     def carry_in(self, x):
         """x where a position sees the state entering the chunk, else 0."""
@@ -102,7 +106,11 @@ class _Gates:
 
     def rhs_w_scale(self):
         """Row scale of w's right-hand side: beta e^G carry_in."""
-        return self.carry_in(self.beta * jnp.exp(self.gcum))
+        return self.carry_in(self.beta * self.eg)
+
+    def kg_scale(self):
+        """Row scale of kg: e^(G_last - G) carry_out."""
+        return self.carry_out(jnp.exp(self.glast - self.gcum))
 
 
 def _split(refs, has_seg):
@@ -118,10 +126,11 @@ def _local_kernel(q_ref, k_ref, g_ref, beta_ref, *refs, scale, has_seg):
     seg_refs, (l_ref, aqk_ref, qg_ref, kg_ref) = _split(refs, has_seg)
     gt = _Gates(g_ref, beta_ref, seg_refs)
     q, k = q_ref[...], k_ref[...]
-    l_ref[...] = gt.beta[:, None] * _mm(k, k, tb=True) * gt.decay(strict=True)
-    aqk_ref[...] = (scale * _mm(q, k, tb=True) * gt.decay(strict=False)).astype(aqk_ref.dtype)
-    qg_ref[...] = _scale_rows(q, gt.carry_in(scale * jnp.exp(gt.gcum)), qg_ref.dtype)
-    kg_ref[...] = _scale_rows(k, gt.carry_out(jnp.exp(gt.glast - gt.gcum)), kg_ref.dtype)
+    strict, causal = gt.pair_decays()
+    l_ref[...] = gt.beta[:, None] * _mm(k, k, tb=True) * strict
+    aqk_ref[...] = (scale * _mm(q, k, tb=True) * causal).astype(aqk_ref.dtype)
+    qg_ref[...] = _scale_rows(q, gt.carry_in(scale * gt.eg), qg_ref.dtype)
+    kg_ref[...] = _scale_rows(k, gt.kg_scale(), kg_ref.dtype)
 
 
 def _inv_unit_lower(l_mat, precision):
@@ -195,13 +204,14 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, scale, has_seg):
     # R_w = beta e^G carry_in k
     drw = _mm(t, dw_ref[...].astype(cd), ta=True)
     dl -= _mm(drw.astype(cd), w_ref[...].astype(cd), tb=True)
-    eg = jnp.exp(gt.gcum)
+    cw = gt.rhs_w_scale()
     s = rowsum(drw * k32)
-    dk = gt.rhs_w_scale()[:, None] * drw
-    dbeta += gt.carry_in(s * eg)
-    dgc = s * gt.rhs_w_scale()
+    dk = cw[:, None] * drw
+    dbeta += gt.carry_in(s * gt.eg)
+    dgc = s * cw
     # L_ij = beta_i (k_i . k_j) E_ij (E is 0 off the strict same-segment pairs, so is dL . E)
-    be = dl * gt.decay(strict=True)
+    strict, causal = gt.pair_decays()
+    be = dl * strict
     kk = _mm(k, k, tb=True)
     dbeta += rowsum(be * kk)
     y = gt.beta[:, None] * be * kk  # dL . L
@@ -210,19 +220,19 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, scale, has_seg):
     dk += _mm(dkk, k) + _mm(dkk, k, ta=True)
     # aqk_ij = scale (q_i . k_j) E_ij on the causal pairs
     q = q_ref[...]
-    p = scale * daqk_ref[...].astype(_F32) * gt.decay(strict=False)
+    p = scale * daqk_ref[...].astype(_F32) * causal
     x = p * _mm(q, k, tb=True)
     dgc += rowsum(x) - colsum(x)
     p = p.astype(cd)
     dk += _mm(p, q, ta=True)
     # qg = scale e^G carry_in q
     dqg = dqg_ref[...].astype(_F32)
-    cq = gt.carry_in(scale * eg)
+    cq = gt.carry_in(scale * gt.eg)
     dgc += cq * rowsum(dqg * q.astype(_F32))
     dq_ref[...] = (_mm(p, k) + cq[:, None] * dqg).astype(dq_ref.dtype)
     # kg = e^(G_last - G) carry_out k
     dkg = dkg_ref[...].astype(_F32)
-    ck = gt.carry_out(jnp.exp(gt.glast - gt.gcum))
+    ck = gt.kg_scale()
     dk += ck[:, None] * dkg
     r = ck * rowsum(dkg * k32)
     dgc -= r
