@@ -257,18 +257,17 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     timings = []
     for block_v in (16, 32, 64):
-        for num_stages in (2,):
-            for num_warps in (2, 4):
-                gpu.BLOCKS.update(block_v=block_v, num_stages=num_stages, num_warps=num_warps)
-                fwd, fwd_bwd = _jax_fns("pallas", chunk)
-                try:
-                    tf = median_time(fwd, q, k, v, g, beta)
-                    tfb = median_time(fwd_bwd, q, k, v, g, beta, do)
-                except Exception as e:  # noqa: BLE001
-                    print(f"tune {gpu.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                timings.append((tfb, tf, dict(gpu.BLOCKS)))
-                print(f"tune B={b} T={t} {gpu.BLOCKS}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
+        for num_warps in (2, 4):
+            gpu.BLOCKS.update(block_v=block_v, num_stages=2, num_warps=num_warps)
+            fwd, fwd_bwd = _jax_fns("pallas", chunk)
+            try:
+                tf = median_time(fwd, q, k, v, g, beta)
+                tfb = median_time(fwd_bwd, q, k, v, g, beta, do)
+            except Exception as e:  # noqa: BLE001
+                print(f"tune {gpu.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            timings.append((tfb, tf, dict(gpu.BLOCKS)))
+            print(f"tune B={b} T={t} {gpu.BLOCKS}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
     best = min(timings, key=lambda x: x[0])[2]
     gpu.BLOCKS.update(best)
     report["gpu_blocks"] = best

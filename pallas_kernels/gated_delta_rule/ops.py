@@ -55,7 +55,8 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
         do, dht = cts
         bh, tp, dk = w.shape
         n = tp // c
-        # Recompute the state entering each chunk and v_new rather than storing them.
+        # Recompute the state entering each chunk and v_new rather than storing them. (On GPU
+        # the outputs come from a separate kernel, unused here, which jit removes as dead code.)
         _, _, h, v_new = kern.recurrence_fwd(
             w, u, qg, aqk, kg, decay, h0, chunk_size=c, save_states=True, interpret=interpret
         )
