@@ -258,7 +258,7 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     timings = []
     for block_v in (16, 32, 64):
         for num_warps in (2, 4):
-            gpu.BLOCKS.update(block_v=block_v, num_stages=2, num_warps=num_warps)
+            gpu.BLOCKS.update(block_v=block_v, num_warps=num_warps)
             fwd, fwd_bwd = _jax_fns("pallas", chunk)
             try:
                 tf = median_time(fwd, q, k, v, g, beta)

@@ -1,10 +1,12 @@
 """Nsight Compute counters of the GPU kernels of one forward+backward call of the gated delta rule.
 
-    python3 tools/ncu_gdn.py [--part op|prepare] [--seqlen 16384 --heads 32 --dk 64 --dv 64]
+    python3 tools/ncu_gdn.py [--part op|prepare|fla] [--seqlen 16384 --heads 32 --dk 64 --dv 64]
 
 --part op (the default) profiles `chunk_gated_delta_rule(impl="pallas")`: every kernel
 launch, ours (names gdn_*) and XLA's between them; --part prepare profiles the
-chunk-local `gpu_prepare.prepare` alone, its kernels only. Runs itself under `ncu`
+chunk-local `gpu_prepare.prepare` alone, its kernels only; --part fla profiles
+flash-linear-attention's `chunk_gated_delta_rule` (if importable; torch, with its gated
+backward's Hopper guard bypassed as in bench_kernels.py) on the same inputs. Runs itself under `ncu`
 (CUDA's Nsight Compute, on the GPU machine's PATH) with the profiler off until one
 warmed-up call, and prints one line per launch: time, registers per thread, grid,
 achieved occupancy, DRAM and SM throughput (% of peak) and local-memory load sectors
@@ -46,6 +48,8 @@ def child(args):
     from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, gpu_prepare
 
     q, k, v, g, beta, _ = gdn_inputs(1, args.seqlen, args.heads, args.dk, args.dv)
+    if args.part == "fla":
+        return child_fla(q, k, v, g, beta)
     if args.part == "prepare":
         fn = lambda *a: gpu_prepare.prepare(*a, scale=args.dk**-0.5, segment_ids=None, chunk_size=64)
     else:
@@ -56,6 +60,32 @@ def child(args):
     cuda = ctypes.CDLL("libcuda.so.1")
     cuda.cuProfilerStart()
     jax.block_until_ready(fwd_bwd(q, k, v, g, beta))
+    cuda.cuProfilerStop()
+
+
+def child_fla(q, k, v, g, beta):
+    """child() for fla's chunk_gated_delta_rule (torch), same inputs and cotangent."""
+    import fla.ops.common.chunk_o as chunk_o
+    import torch
+    from bench_kernels import _fla, _to_torch
+
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # see bench_kernels.check_fla_gradients
+    fla_fn = _fla()
+    if fla_fn is None:
+        raise SystemExit("fla is not importable")
+    args = [_to_torch(x, requires_grad=True) for x in (q, k, v, g, beta)]  # as bench_kernels times it
+
+    def fwd_bwd():
+        o, _ = fla_fn(*args, output_final_state=True)
+        o.backward(o.detach())
+
+    for _ in range(2):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda.cuProfilerStart()
+    fwd_bwd()
+    torch.cuda.synchronize()
     cuda.cuProfilerStop()
 
 
@@ -81,8 +111,9 @@ def table(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["op", "prepare"], default="op",
-                   help="op: the whole op, every kernel launch; prepare: the gpu_prepare kernels alone")
+    p.add_argument("--part", choices=["op", "prepare", "fla"], default="op",
+                   help="op: the whole op, every kernel launch; prepare: the gpu_prepare kernels alone; "
+                        "fla: flash-linear-attention's chunk_gated_delta_rule, every launch")
     p.add_argument("--seqlen", type=int, default=16384)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--dk", type=int, default=64)

@@ -27,28 +27,34 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost
 
 
-# Launch parameters of the sequential kernels: the fastest fwd+bwd of the 8 combinations
-# that `tools/bench_kernels.py --tune` swept on an H100, when the walk also formed the
-# outputs (BENCHMARKS.md). On an H200 after the split, V blocks 16/32/64 x 2/4 warps
-# differed by less than that run's noise, so they stay. A V block of 32 gives B*H*V/32
-# programs (64 at batch 1 with 32 heads of 64, still under the 132 SMs); two stages let
-# Triton prefetch the next chunk's tiles during the dots.
-BLOCKS = dict(block_v=32, num_warps=4, num_stages=2)
+# Launch parameters of the sequential kernels. They load chunk i+1's tiles into registers
+# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off. In
+# the H200 probe of 2026-11-27 (BENCHMARKS.md) that took the forward walk at B = 1,
+# H = 32, K = V = 64, T = 16K from 0.524 ms (Triton's two stages, V block 32) to 0.402 ms
+# (V block 16); 16 columns give B*H*V/16 programs, 128 there, under the 132 SMs.
+BLOCKS = dict(block_v=16, num_warps=4)
 # V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
 # register tile at K = 256 (the whole [K, V] state would not at V = 512).
 OUT_BLOCK_V = 64
-# Shared memory the pipelined tiles of one sequential program may take over all stages.
-# The float32 K = 256, V = 512 GPU test asked for 248 KiB (an H200 has 227) before this
-# cap; which kernel asked was not established, and the cap is not yet checked on a GPU.
-# 128 KiB keeps the measured two stages for bf16 up to K = 128.
-PIPELINE_BYTES = 128 * 1024
 
 
-def _compiler_params(num_warps, num_stages, stage_bytes):
-    """Triton parameters, with at most the stages whose tiles (stage_bytes each) fit PIPELINE_BYTES."""
-    stages = num_stages or BLOCKS["num_stages"]
-    stages = max(1, min(stages, PIPELINE_BYTES // stage_bytes))
-    return plgpu.CompilerParams(num_warps=num_warps or BLOCKS["num_warps"], num_stages=stages)
+def _compiler_params(num_warps):
+    return plgpu.CompilerParams(num_warps=num_warps or BLOCKS["num_warps"], num_stages=1)
+
+
+def _walk(n_chunks, load, step, init, *, reverse=False):
+    """Carry `init` through step(i, carry, tiles) over chunks i = 0..n-1 (n-1..0 with
+    reverse), where tiles = load(i). The next chunk's tiles are loaded before the current
+    chunk's step and carried in registers, so their memory latency hides behind its
+    products instead of stalling every chunk of the walk."""
+    chunk = (lambda j: n_chunks - 1 - j) if reverse else (lambda j: j)
+
+    def body(j, carry):
+        acc, tiles = carry
+        upcoming = load(chunk(jnp.minimum(j + 1, n_chunks - 1)))
+        return step(chunk(j), acc, tiles), upcoming
+
+    return jax.lax.fori_loop(0, n_chunks, body, (init, load(chunk(0))))[0]
 
 
 def check_power_of_two(interpret, **dims):
@@ -68,14 +74,17 @@ def _block_v(dv, block_v):
 
 
 def _states_kernel(w_ref, u_ref, kg_ref, decay_ref, h0_ref, h_ref, vn_ref, ht_ref, *, n_chunks, c):
-    def body(i, s):
+    def load(i):
         sl = pl.ds(i * c, c)
+        return w_ref[sl, :], u_ref[sl, :], kg_ref[sl, :], decay_ref[i]
+
+    def step(i, s, tiles):
         h_ref[i] = s.astype(h_ref.dtype)
-        v_new, s = chunk_state_step(s, w_ref[sl, :], u_ref[sl, :], kg_ref[sl, :], decay_ref[i])
-        vn_ref[sl, :] = v_new.astype(vn_ref.dtype)
+        v_new, s = chunk_state_step(s, *tiles)
+        vn_ref[pl.ds(i * c, c), :] = v_new.astype(vn_ref.dtype)
         return s
 
-    s = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+    s = _walk(n_chunks, load, step, h0_ref[...].astype(jnp.float32))
     ht_ref[...] = s.astype(ht_ref.dtype)
 
 
@@ -83,8 +92,7 @@ def _out_kernel(qg_ref, aqk_ref, h_ref, vn_ref, o_ref):
     o_ref[...] = chunk_output(h_ref[...], qg_ref[...], aqk_ref[...], vn_ref[...]).astype(o_ref.dtype)
 
 
-def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block_v=None, num_warps=None,
-                      num_stages=None):
+def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block_v=None, num_warps=None):
     """The sequential part: walk the chunks carrying the state.
 
     w, kg: [BH, Tp, K]; u: [BH, Tp, V]; decay: [BH, N] float32; h0: [BH, K, V] float32.
@@ -109,7 +117,7 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
         out_specs=[pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col, state],
         out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od),
                    jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
-        compiler_params=_compiler_params(num_warps, num_stages, itemsize * c * (2 * dk + bv)),
+        compiler_params=_compiler_params(num_warps),
         cost_estimate=pl.CostEstimate(
             flops=4 * bh * tp * dk * dv, transcendentals=0,
             bytes_accessed=itemsize * bh * (tp * (2 * dk + 2 * dv) + n * dk * dv) + 8 * bh * dk * dv,
@@ -156,26 +164,25 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
 
 def _bwd_kernel(w_ref, qg_ref, aqk_ref, kg_ref, decay_ref, do_ref, dht_ref, dh_ref, dv_ref, dh0_ref, *,
                 n_chunks, c):
-    def body(j, ds):
-        i = n_chunks - 1 - j
+    def load(i):
         sl = pl.ds(i * c, c)
+        return do_ref[sl, :], w_ref[sl, :], qg_ref[sl, :], aqk_ref[sl, :], kg_ref[sl, :], decay_ref[i]
+
+    def step(i, ds, tiles):
         dh_ref[i] = ds.astype(dh_ref.dtype)
-        dv, ds = chunk_backward_step(
-            ds, do_ref[sl, :], w_ref[sl, :], qg_ref[sl, :], aqk_ref[sl, :], kg_ref[sl, :], decay_ref[i]
-        )
-        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        dv, ds = chunk_backward_step(ds, *tiles)
+        dv_ref[pl.ds(i * c, c), :] = dv.astype(dv_ref.dtype)
         return ds
 
-    ds = jax.lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(jnp.float32))
+    ds = _walk(n_chunks, load, step, dht_ref[...].astype(jnp.float32), reverse=True)
     dh0_ref[...] = ds.astype(dh0_ref.dtype)
 
 
-def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=None, num_warps=None,
-                   num_stages=None):
+def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=None, num_warps=None):
     """Walk the chunks backwards carrying dL/dS.
 
-    Returns dL/d(state leaving each chunk) [BH, N, K, V] (w's dtype), dL/dv_new
-    [BH, Tp, V] float32 and dL/dh0 [BH, K, V] float32.
+    Returns dL/d(state leaving each chunk) and dL/dv_new, [BH, N, K, V] and [BH, Tp, V]
+    in w's dtype, and dL/dh0 [BH, K, V] float32.
     """
     bh, tp, dk = w.shape
     dv_dim = do.shape[-1]
@@ -196,10 +203,10 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
         out_specs=[pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col, state],
         out_shape=[
             jax.ShapeDtypeStruct((bh, n, dk, dv_dim), od),
-            jax.ShapeDtypeStruct((bh, tp, dv_dim), jnp.float32),
+            jax.ShapeDtypeStruct((bh, tp, dv_dim), od),
             jax.ShapeDtypeStruct((bh, dk, dv_dim), jnp.float32),
         ],
-        compiler_params=_compiler_params(num_warps, num_stages, itemsize * c * (3 * dk + c + bv)),
+        compiler_params=_compiler_params(num_warps),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
         name="gdn_chunk_bwd",
