@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost
+from pallas_kernels.gated_delta_rule.xla import (
+    _dot, chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost,
+)
 
 
 # Launch parameters of the sequential kernels. They load chunk i+1's tiles into registers
@@ -211,3 +213,69 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
         interpret=interpret,
         name="gdn_chunk_bwd",
     )(w, qg, aqk, kg, decay, do, dht)
+
+
+def _grads_kernel(do_ref, vn_ref, dvn_ref, h_ref, dh_ref, dqg_ref, daqk_ref, dkg_ref, dw_ref, dec_ref, *, bv):
+    nv = do_ref.shape[1] // bv
+    cols = lambda j: (slice(None), pl.ds(j * bv, bv))
+
+    def body(j, acc):
+        do, vn, dvn = do_ref[cols(j)], vn_ref[cols(j)], dvn_ref[cols(j)]
+        h, dh = h_ref[cols(j)], dh_ref[cols(j)]
+        dqg, dkg, dw, dec = acc
+        return (dqg + _dot(do, h.T), dkg + _dot(vn, dh.T), dw - _dot(dvn, h.T),
+                dec + jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
+
+    c, bk = dqg_ref.shape
+    zeros = jnp.zeros((c, bk), jnp.float32)
+    dqg, dkg, dw, dec = jax.lax.fori_loop(0, nv, body, (zeros, zeros, zeros, jnp.zeros((bk,), jnp.float32)))
+    dqg_ref[...] = dqg.astype(dqg_ref.dtype)
+    dkg_ref[...] = dkg.astype(dkg_ref.dtype)
+    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dec_ref[...] = dec
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        daqk = jax.lax.fori_loop(
+            0, nv, lambda j, acc: acc + _dot(do_ref[cols(j)], vn_ref[cols(j)].T), jnp.zeros((c, c), jnp.float32)
+        )
+        daqk_ref[...] = daqk.astype(daqk_ref.dtype)
+
+
+def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
+    """The recurrence's gradients other than those of the walk, every chunk in parallel:
+    with o = qg S + aqk v_new, v_new = u - w S, S' = decay S + kg^T v_new per chunk,
+
+        dqg = do S^T, daqk = do v_new^T, dkg = v_new dS'^T, dw = -dv_new S^T, ddecay = sum(S . dS').
+
+    do, v_new, dv (= dL/dv_new): [BH, Tp, V]; h, dh (S and dL/dS' per chunk): [BH, N, K, V],
+    all one dtype. Returns dqg, dkg, dw [BH, Tp, K], daqk [BH, Tp, C] in that dtype and
+    ddecay [BH, N] float32. One program per (batch*head, chunk, 64 rows of K); V is
+    summed over in blocks of OUT_BLOCK_V inside."""
+    bh, n, dk, dv_dim = h.shape
+    c = chunk_size
+    tp = n * c
+    od = h.dtype
+    bk = min(dk, 64)
+    bv = OUT_BLOCK_V if dv_dim % OUT_BLOCK_V == 0 else dv_dim
+    rows = pl.BlockSpec((None, c, dv_dim), lambda i, j, m: (i, j, 0))
+    state = pl.BlockSpec((None, None, bk, dv_dim), lambda i, j, m: (i, j, m, 0))
+    kcol = pl.BlockSpec((None, c, bk), lambda i, j, m: (i, j, m))
+    itemsize = jnp.dtype(od).itemsize
+    dqg, daqk, dkg, dw, dec = pl.pallas_call(
+        functools.partial(_grads_kernel, bv=bv),
+        grid=(bh, n, dk // bk),
+        in_specs=[rows, rows, rows, state, state],
+        out_specs=[kcol, pl.BlockSpec((None, c, c), lambda i, j, m: (i, j, 0)), kcol, kcol,
+                   pl.BlockSpec((None, None, bk), lambda i, j, m: (i, j, m))],
+        out_shape=[jax.ShapeDtypeStruct((bh, tp, dk), od), jax.ShapeDtypeStruct((bh, tp, c), od)]
+        + [jax.ShapeDtypeStruct((bh, tp, dk), od)] * 2 + [jax.ShapeDtypeStruct((bh, n, dk), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * bh * tp * dv_dim * (3 * dk + c), transcendentals=0,
+            bytes_accessed=itemsize * bh * (3 * tp * dv_dim * (dk // bk) + 2 * n * dk * dv_dim + tp * (3 * dk + c)),
+        ),
+        interpret=interpret,
+        name="gdn_chunk_grads",
+    )(do, v_new, dv, h, dh)
+    return dqg, daqk, dkg, dw, jnp.sum(dec, axis=-1)

@@ -13,7 +13,8 @@ dims up to `gpu_prepare.MAX_WIDTH`; on TPU, for wider heads and with
 autodiff except for its triangular solve, whose VJP is closed form). The backward pass of the recurrence does
 not keep the per-chunk states from the forward pass: it recomputes them with the
 forward kernel, walks the chunks backwards in the backward kernel, and then forms the
-remaining gradients with batched matrix products over all chunks at once.
+remaining gradients for all chunks at once (`recurrence_grads`: one GPU kernel, or
+batched XLA products on TPU).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from pallas_kernels._common import default_interpret
 from pallas_kernels.gated_delta_rule import gpu, gpu_prepare, tpu
 from pallas_kernels.gated_delta_rule.reference import fused_recurrent_gated_delta_rule
-from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, einsum, finish, prepare
+from pallas_kernels.gated_delta_rule.xla import check_inputs, chunk_gated_delta_rule_xla, finish, prepare
 
 IMPLS = ("auto", "xla", "pallas", "reference")
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -53,8 +54,6 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
     def bwd(res, cts):
         w, u, qg, aqk, kg, decay, h0 = res
         do, dht = cts
-        bh, tp, dk = w.shape
-        n = tp // c
         # Recompute the state entering each chunk and v_new rather than storing them. (On GPU
         # the outputs come from a separate kernel, unused here, which jit removes as dead code.)
         _, _, h, v_new = kern.recurrence_fwd(
@@ -64,18 +63,12 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
         dh, dv, dh0 = kern.recurrence_bwd(
             w, qg, aqk, kg, decay, do, dht.astype(jnp.float32), chunk_size=c, interpret=interpret
         )
-        chunks = lambda x: x.reshape(bh, n, c, x.shape[-1])
-        do_c, vn_c, dv_c = chunks(do), chunks(v_new), chunks(dv)
         # o = qg h + aqk v_new ; v_new = u - w h ; h' = decay h + kg^T v_new
-        dqg = einsum("bncv,bnkv->bnck", do_c, h)
-        daqk = einsum("bnic,bnjc->bnij", do_c, vn_c)
-        dkg = einsum("bncv,bnkv->bnck", vn_c, dh)
-        dw = -einsum("bncv,bnkv->bnck", dv_c.astype(w.dtype), h)
-        ddecay = einsum("bnkv,bnkv->bn", h, dh)
-        flat = lambda x, like: x.reshape(like.shape).astype(like.dtype)
+        dv = dv.astype(w.dtype)
+        dqg, daqk, dkg, dw, ddecay = kern.recurrence_grads(do, h, v_new, dh, dv, chunk_size=c, interpret=interpret)
         return (
-            flat(dw, w), dv.astype(u.dtype), flat(dqg, qg), flat(daqk, aqk), flat(dkg, kg),
-            ddecay.astype(decay.dtype), dh0.astype(h0.dtype),
+            dw.astype(w.dtype), dv.astype(u.dtype), dqg.astype(qg.dtype), daqk.astype(aqk.dtype),
+            dkg.astype(kg.dtype), ddecay.astype(decay.dtype), dh0.astype(h0.dtype),
         )
 
     recurrence.defvjp(fwd, bwd)

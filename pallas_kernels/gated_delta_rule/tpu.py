@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, recurrence_cost
+from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, einsum, recurrence_cost
 
 
 def _block_v(dv, block_v):
@@ -142,3 +142,20 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
         interpret=_interpret(interpret),
         name="gdn_chunk_bwd",
     )(w, qg, aqk, kg, decay.reshape(bh, n, 1, 1), do, dht)
+
+
+def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
+    """Same contract as `gpu.recurrence_grads`, as batched XLA products over all chunks."""
+    del interpret
+    bh, n, dk, _ = h.shape
+    c = chunk_size
+    chunks = lambda x: x.reshape(bh, n, c, x.shape[-1])
+    do_c, vn_c, dv_c = chunks(do), chunks(v_new), chunks(dv)
+    flat = lambda x: x.reshape(bh, n * c, x.shape[-1]).astype(h.dtype)
+    return (
+        flat(einsum("bncv,bnkv->bnck", do_c, h)),
+        flat(einsum("bnic,bnjc->bnij", do_c, vn_c)),
+        flat(einsum("bncv,bnkv->bnck", vn_c, dh)),
+        flat(-einsum("bncv,bnkv->bnck", dv_c, h)),
+        einsum("bnkv,bnkv->bn", h, dh),
+    )
