@@ -6,7 +6,10 @@ One program per (batch*head, block of V columns) walks all chunks in order with 
 programs, at the cost of each one re-reading the chunk's K-side tiles. The forward
 walk does only what the next state needs (v_new = u - w S, S' = decay S + kg^T v_new)
 and stores each chunk's entering state and v_new; the outputs o = qg S + Aqk v_new
-come after, in a kernel with one program per chunk. The chunk-local
+come after, in a kernel with one program per chunk. Both walks (forward and reverse)
+load the next chunk's tiles while the current chunk's products run. The backward's
+gradients that need no walk (dqg, dAqk, dkg, dw, ddecay) come from one parallel
+kernel, `recurrence_grads`. The chunk-local
 matrices (w, u, qg, Aqk, kg, decay) come from `gpu_prepare` (or `xla.prepare`). Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
@@ -30,10 +33,9 @@ from pallas_kernels.gated_delta_rule.xla import (
 
 
 # Launch parameters of the sequential kernels. They load chunk i+1's tiles into registers
-# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off. In
-# the H200 probe of 2026-11-27 (BENCHMARKS.md) that took the forward walk at B = 1,
-# H = 32, K = V = 64, T = 16K from 0.524 ms (Triton's two stages, V block 32) to 0.402 ms
-# (V block 16); 16 columns give B*H*V/16 programs, 128 there, under the 132 SMs.
+# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off. On
+# an H200 at B = 1, H = 32, K = V = 64, T = 16K this and V blocks of 16 (B*H*V/16 = 128
+# programs, under the 132 SMs) took the op's fwd+bwd from 2.615 to 2.421 ms (BENCHMARKS.md).
 BLOCKS = dict(block_v=16, num_warps=4)
 # V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
 # register tile at K = 256 (the whole [K, V] state would not at V = 512).
