@@ -187,13 +187,17 @@ class TestPallasInterpret:
     CASES = [(40, 16, True, True)]
     SLOW_CASES = [(1, 16, False, False), (63, 16, True, False), (77, 32, False, True), (130, 64, True, True)]
 
-    def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16), prepare_impl="xla"):
+    def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16), prepare_impls=("xla",)):
+        """Output, final state and every gradient against the float64 reference, once per
+        chunk-local implementation in prepare_impls (one reference for all)."""
         x = make_inputs(t, 1, t, 2, *dims, dtype=dtype)
-        got = _loss_and_grads(chunk_gated_delta_rule_pallas, x, use_h0, use_seg, chunk_size=chunk,
-                              interpret=self.INTERPRET, backend=backend, prepare_impl=prepare_impl)
         with jax.enable_x64(True):
             want = _reference64(x, use_h0, use_seg)
-        _assert_close(got, want, TOL[dtype], f"pallas-{backend} T={t} C={chunk} h0={use_h0} seg={use_seg}")
+        for prepare_impl in prepare_impls:
+            got = _loss_and_grads(chunk_gated_delta_rule_pallas, x, use_h0, use_seg, chunk_size=chunk,
+                                  interpret=self.INTERPRET, backend=backend, prepare_impl=prepare_impl)
+            _assert_close(got, want, TOL[dtype],
+                          f"pallas-{backend} prepare={prepare_impl} T={t} C={chunk} h0={use_h0} seg={use_seg}")
 
     @pytest.mark.parametrize("backend", ["gpu", "tpu"])
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
@@ -214,7 +218,7 @@ class TestPallasInterpret:
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
     def test_pallas_prepare_matches_reference(self, t, chunk, use_h0, use_seg):
         """The whole op with the chunk-local part in the gpu_prepare kernels."""
-        self._check("gpu", t, chunk, use_h0, use_seg, prepare_impl="pallas")
+        self._check("gpu", t, chunk, use_h0, use_seg, prepare_impls=("pallas",))
 
 
 @pytest.mark.gpu
@@ -230,8 +234,7 @@ class TestPallasGPU(TestPallasInterpret):
          (1000, 32, False, True), (1000, 64, True, True)],
     )
     def test_compiled(self, dtype, t, chunk, use_h0, use_seg):
-        self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64))
-        self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64), prepare_impl="pallas")
+        self._check("gpu", t, chunk, use_h0, use_seg, dtype=dtype, dims=(32, 64), prepare_impls=("xla", "pallas"))
 
     @pytest.mark.parametrize("backend", ["gpu"])
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", TestPallasInterpret.CASES)
