@@ -36,18 +36,35 @@ from pallas_kernels._common import rel_rms  # noqa: E402
 
 
 # ----------------------------------------------------------------- shared helpers
-def median_time(fn, *args, iters=10, warmup=2, min_seconds=0.25, max_iters=200):
-    """Median wall time of fn(*args) in seconds, synchronising on the result each call:
-    at least `iters` calls and, up to `max_iters`, until `min_seconds` have been spent, so
-    a millisecond call gets a few hundred samples rather than ten."""
+def median_time(fn, *args, iters=10, warmup=2, min_seconds=0.25, max_iters=200, sync=jax.block_until_ready):
+    """Median wall time of fn(*args) in seconds, synchronising on the result each call
+    (`sync`; torch callers pass one that waits for the CUDA device): at least `iters` calls
+    and, up to `max_iters`, until `min_seconds` have been spent, so a millisecond call gets a
+    few hundred samples rather than ten."""
     for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
     times = []
     while len(times) < iters or (sum(times) < min_seconds and len(times) < max_iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def time_torch_baseline(results, peaks, name, fwd, fwd_bwd, b, t, flops, bytes_fwd, bytes_fwd_bwd):
+    """Rows for a torch baseline, timed two ways: `name`, the median of triton's do_bench
+    (CUDA events, L2 flushed before each call; how the issue's reference figures were
+    taken) and `name`-wall, the same host wall clock as `median_time` times our JAX forms
+    (device synchronised each call, launch overhead included, L2 as the previous call left it)."""
+    import torch
+    import triton
+
+    sync = lambda _: torch.cuda.synchronize()
+    for mode, fn, fl, nbytes in (("fwd", fwd, flops, bytes_fwd), ("fwd+bwd", fwd_bwd, 3 * flops, bytes_fwd_bwd)):
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            ms = triton.testing.do_bench(fn, return_mode="median")
+            row(results, peaks, name, mode, b, t, ms / 1e3, fl, nbytes)
+            row(results, peaks, f"{name}-wall", mode, b, t, median_time(fn, sync=sync), fl, nbytes)
 
 
 def measure_peaks():
@@ -363,17 +380,13 @@ def bench_gdn(args, peaks, results, report):
                     print(f"prepare comparison failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if fla_fn is not None:
                 import torch
-                import triton
 
                 tq = [_to_torch(x, True) for x in (q, k, v, g, beta)]
                 tdo = _to_torch(do)
                 try:
-                    with torch.no_grad():
-                        ms = triton.testing.do_bench(lambda: fla_fn(*tq, output_final_state=True), return_mode="median")
-                    row(results, peaks, "fla", "fwd", b, t, ms / 1e3, fl, by_f)
-                    ms = triton.testing.do_bench(lambda: fla_fn(*tq, output_final_state=True)[0].backward(tdo),
-                                                 return_mode="median")
-                    row(results, peaks, "fla", "fwd+bwd", b, t, ms / 1e3, 3 * fl, by_fb)
+                    time_torch_baseline(results, peaks, "fla", lambda: fla_fn(*tq, output_final_state=True),
+                                        lambda: fla_fn(*tq, output_final_state=True)[0].backward(tdo),
+                                        b, t, fl, by_f, by_fb)
                 except Exception as e:  # noqa: BLE001
                     print(f"fla B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 del tq, tdo
@@ -512,17 +525,13 @@ def bench_ssd(args, peaks, results, report):
                     print(f"{impl} B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if torch_fns:
                 import torch
-                import triton
 
                 tx = [_to_torch(z, True) for z in (x, dt, A, B, C)]
                 tdy = _to_torch(dy)
                 for name, fn in torch_fns.items():
                     try:
-                        with torch.no_grad():
-                            ms = triton.testing.do_bench(lambda: fn(*tx), return_mode="median")
-                        row(results, peaks, name, "fwd", b, t, ms / 1e3, fl, by_f)
-                        ms = triton.testing.do_bench(lambda: fn(*tx)[0].backward(tdy), return_mode="median")
-                        row(results, peaks, name, "fwd+bwd", b, t, ms / 1e3, 3 * fl, by_fb)
+                        time_torch_baseline(results, peaks, name, lambda: fn(*tx), lambda: fn(*tx)[0].backward(tdy),
+                                            b, t, fl, by_f, by_fb)
                     except Exception as e:  # noqa: BLE001
                         print(f"{name} B={b} T={t} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 del tx, tdy

@@ -190,13 +190,14 @@ def stage_baselines(args, rep):
                     print(f"budget spent: skipped {name} {mode} T={t}", flush=True)
                     continue
                 try:
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            ms = triton.testing.do_bench(lambda tx=tx: fn(*tx), return_mode="median")
-                    else:
-                        ms = triton.testing.do_bench(lambda tx=tx, tdy=tdy: fn(*tx)[0].backward(tdy),
-                                                     return_mode="median")
-                    rep.timing(name, chunk, mode, 1, t, ms / 1e3)
+                    call = ((lambda tx=tx: fn(*tx)) if mode == "fwd"
+                            else (lambda tx=tx, tdy=tdy: fn(*tx)[0].backward(tdy)))
+                    with torch.set_grad_enabled(mode == "fwd+bwd"):
+                        ms = triton.testing.do_bench(call, return_mode="median")
+                        rep.timing(name, chunk, mode, 1, t, ms / 1e3)
+                        # The host wall clock that times our forms (bench_kernels.time_torch_baseline).
+                        wall = median_time(call, sync=lambda _: torch.cuda.synchronize())
+                        rep.timing(f"{name}-wall", chunk, mode, 1, t, wall)
                 except Exception as e:  # noqa: BLE001
                     rep.fail(f"{name} {mode} T={t}", e)
             tx = tdy = None
