@@ -373,6 +373,10 @@ def test_tpu_kernels_lower_with_mosaic(dtype, dk, dv):
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
+GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_solve", "gdn_prepare_wu", "gdn_prepare_bwd", "gdn_chunk_states",
+               "gdn_chunk_out", "gdn_chunk_bwd", "gdn_chunk_grads")
+
+
 @pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False),
                                                 (jnp.bfloat16, 256, 512, False)])
 def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
@@ -382,8 +386,7 @@ def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
     module = _export_grad("gpu", "cuda", dtype, dk=dk, dv=dv, use_seg=use_seg, value=True,
                           prepare_impl="pallas").mlir_module()
     assert module.count("__gpu$xla.gpu.triton") >= 9  # the backward pass recomputes the states
-    for name in ("gdn_prepare_local", "gdn_prepare_solve", "gdn_prepare_wu", "gdn_prepare_bwd", "gdn_chunk_states",
-                 "gdn_chunk_out", "gdn_chunk_bwd", "gdn_chunk_grads"):
+    for name in GPU_KERNELS:
         assert f'name = "{name}"' in module, name
 
 
@@ -393,6 +396,24 @@ def test_gpu_default_prepare_by_head_width(dk, dv, expect_prepare_kernels):
     module = _export_grad("gpu", "cuda", jnp.bfloat16, dk=dk, dv=dv, value=True, prepare_impl=None).mlir_module()
     assert ('name = "gdn_prepare_local"' in module) == expect_prepare_kernels
     assert 'name = "gdn_chunk_states"' in module
+
+
+def test_triton_resources_tool_keeps_every_gpu_kernel():
+    """tools/triton_resources.py (registers and spills of each kernel, compiled offline) gets
+    every GDN GPU kernel's Triton IR and launch parameters out of the Pallas lowering."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "triton_resources.py"
+    spec = importlib.util.spec_from_file_location("triton_resources", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    kernels = tool.lowered_kernels("gdn", 64, 64, jnp.bfloat16)
+    assert sorted(kernels) == sorted(GPU_KERNELS)
+    for name, (ir, warps, stages) in kernels.items():
+        assert f"tt.func public @{name}" in ir, name
+        assert warps == (gpu_prepare.BLOCKS[name.split("_")[-1]] if "prepare" in name else 4), name
+        assert stages == 1, name
 
 
 @pytest.mark.parametrize("c", [1, 3, 16, 63, 64])
