@@ -274,7 +274,7 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     timings = []
     for block_v in (16, 32, 64):
-        for num_warps in (2, 4):
+        for num_warps in (2, 4, 8):
             gpu.BLOCKS.update(block_v=block_v, num_warps=num_warps)
             fwd, fwd_bwd = _jax_fns("pallas", chunk)
             try:
