@@ -42,6 +42,11 @@ BLOCKS = dict(block_v=16, num_warps=4)
 OUT_BLOCK_V = 64
 
 
+def _out_block(dv):
+    """OUT_BLOCK_V, or the whole V when it does not divide it."""
+    return OUT_BLOCK_V if dv % OUT_BLOCK_V == 0 else dv
+
+
 def _compiler_params(num_warps):
     return plgpu.CompilerParams(num_warps=num_warps or BLOCKS["num_warps"], num_stages=1)
 
@@ -145,7 +150,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = OUT_BLOCK_V if dv % OUT_BLOCK_V == 0 else dv
+    bv = _out_block(dv)
     tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j, m: (i, j, 0))
     col = pl.BlockSpec((None, c, bv), lambda i, j, m: (i, j, m))
     itemsize = jnp.dtype(u.dtype).itemsize
@@ -259,7 +264,7 @@ def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
     tp = n * c
     od = h.dtype
     bk = min(dk, 64)
-    bv = OUT_BLOCK_V if dv_dim % OUT_BLOCK_V == 0 else dv_dim
+    bv = _out_block(dv_dim)
     rows = pl.BlockSpec((None, c, dv_dim), lambda i, j, m: (i, j, 0))
     state = pl.BlockSpec((None, None, bk, dv_dim), lambda i, j, m: (i, j, m, 0))
     kcol = pl.BlockSpec((None, c, bk), lambda i, j, m: (i, j, m))

@@ -64,7 +64,6 @@ def _recurrence(backend: str, chunk_size: int, interpret: bool):
             w, qg, aqk, kg, decay, do, dht.astype(jnp.float32), chunk_size=c, interpret=interpret
         )
         # o = qg h + aqk v_new ; v_new = u - w h ; h' = decay h + kg^T v_new
-        dv = dv.astype(w.dtype)
         dqg, daqk, dkg, dw, ddecay = kern.recurrence_grads(do, h, v_new, dh, dv, chunk_size=c, interpret=interpret)
         return (
             dw.astype(w.dtype), dv.astype(u.dtype), dqg.astype(qg.dtype), daqk.astype(aqk.dtype),

@@ -133,7 +133,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
         out_specs=[pl.BlockSpec((None, None, dk, bv), lambda b, j, i: (b, rev(i), 0, j)), col, state],
         out_shape=[
             jax.ShapeDtypeStruct((bh, n, dk, dv_dim), od),
-            jax.ShapeDtypeStruct((bh, tp, dv_dim), jnp.float32),
+            jax.ShapeDtypeStruct((bh, tp, dv_dim), od),
             jax.ShapeDtypeStruct((bh, dk, dv_dim), jnp.float32),
         ],
         scratch_shapes=[pltpu.VMEM((dk, bv), jnp.float32)],

@@ -107,7 +107,7 @@ def recurrence_cost(bh, tp, dk, dv, c, itemsize, *, backward=False, save_states=
     n = tp // c
     flops = bh * tp * dv * (6 * dk + 2 * c)
     if backward:
-        return flops, itemsize * bh * (tp * (3 * dk + c + dv) + n * dk * dv) + 4 * bh * tp * dv
+        return flops, itemsize * bh * (tp * (3 * dk + c + 2 * dv) + n * dk * dv)
     nbytes = itemsize * bh * tp * (3 * dk + c + 2 * dv) + 8 * bh * dk * dv
     if save_states:
         nbytes += itemsize * bh * (n * dk * dv + tp * dv)
