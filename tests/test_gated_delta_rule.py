@@ -373,19 +373,19 @@ def test_tpu_kernels_lower_with_mosaic(dtype, dk, dv):
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
-GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_solve", "gdn_prepare_wu", "gdn_prepare_bwd", "gdn_chunk_states",
-               "gdn_chunk_out", "gdn_chunk_bwd", "gdn_chunk_grads")
+GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_wy", "gdn_prepare_bwd", "gdn_chunk_states", "gdn_chunk_out",
+               "gdn_chunk_bwd", "gdn_chunk_grads")
 
 
 @pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False),
                                                 (jnp.bfloat16, 256, 512, False)])
 def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
-    """All eight GDN GPU kernels (the chunk-local prepare's three and its reverse, the recurrence's
+    """All seven GDN GPU kernels (the chunk-local prepare's two and its reverse, the recurrence's
     states and outputs, its reverse walk and its parallel gradients) lower to Triton for CUDA on
     this CPU-only machine."""
     module = _export_grad("gpu", "cuda", dtype, dk=dk, dv=dv, use_seg=use_seg, value=True,
                           prepare_impl="pallas").mlir_module()
-    assert module.count("__gpu$xla.gpu.triton") >= 9  # the backward pass recomputes the states
+    assert module.count("__gpu$xla.gpu.triton") >= 8  # the backward pass recomputes the states
     for name in GPU_KERNELS:
         assert f'name = "{name}"' in module, name
 

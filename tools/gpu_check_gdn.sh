@@ -10,10 +10,11 @@
 #     for i in $(seq 57); do sleep 10; grep -q "^== done" /tmp/gdn.out && break; done; tail /tmp/gdn.out
 # Each step has its own timeout and writes as it goes to $OUT: gdn_rows.md (markdown rows),
 # gdn_*.json (rewritten after every row), *.log. fla-core 0.6.0 comes as a wheel in .whl/
-# (never committed); without it the fla rows are skipped. The rows time the committed
-# launch parameters, except at H = 16, K = V = 128: there `--tune recurrence` first sweeps
-# the sequential kernels' V block and warps (at K = 128 the backward walk spills with 4
-# warps, not with 8; tools/triton_resources.py) and times the rest with the fastest.
+# (never committed); without it the fla rows are skipped. At H = 32 `--tune prepare` first
+# times each chunk-local kernel at 2, 4 and 8 warps (a report; the rows keep the committed
+# values). At H = 16, K = V = 128 `--tune recurrence` first sweeps the sequential kernels'
+# V block and warps (at K = 128 the backward walk spills with 4 warps, not with 8;
+# tools/triton_resources.py) and times the rest with the fastest.
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the GPU
@@ -32,7 +33,8 @@ B="python3 tools/bench_kernels.py --op gdn --batch 1 --markdown $OUT/gdn_rows.md
 T="python3 -m pytest tests/test_gated_delta_rule.py -m gpu -q -p no:cacheprovider"
 step 240 gdn_pytest_prepare $T -k TestPreparePallasGPU
 step 600 gdn_pytest_op $T -k TestPallasGPU
-step 420 gdn_h32 $B --heads 32 --dk 64 --dv 64 --seqlen 16384 8192 --impls pallas xla --json "$OUT/gdn_h32.json"
+step 540 gdn_h32 $B --heads 32 --dk 64 --dv 64 --seqlen 16384 8192 --impls pallas xla --tune prepare \
+  --json "$OUT/gdn_h32.json"
 step 150 gdn_h32_64k $B --heads 32 --dk 64 --dv 64 --seqlen 65536 --no-fla --no-check --impls pallas xla \
   --json "$OUT/gdn_h32_64k.json"
 step 480 gdn_h16 $B --heads 16 --dk 128 --dv 128 --seqlen 16384 --no-check --no-prepare --impls pallas xla \

@@ -164,9 +164,9 @@ def stage_nan(args, rep):
               for name, z in zip(("y", "final_state", "dx", "ddt", "dA", "dB", "dC"), outs)}
     print(f"pallas chunk {args.chunk} B=1 T={t} bf16 finite: {json.dumps(finite)}", flush=True)
     rep.add(f"finite_T{t}", finite)
-    rep.timing("pallas", args.chunk, "fwd", 1, t, median_time(fwd, x, dt, A, B, C, iters=3, warmup=0))
+    rep.timing("pallas", args.chunk, "fwd", 1, t, median_time(fwd, x, dt, A, B, C, samples=3, warmup=0))
     rep.timing("pallas", args.chunk, "fwd+bwd", 1, t,
-               median_time(fwd_bwd, x, dt, A, B, C, dy, iters=3, warmup=0))
+               median_time(fwd_bwd, x, dt, A, B, C, dy, samples=3, warmup=0))
 
 
 def stage_baselines(args, rep):
@@ -195,9 +195,9 @@ def stage_baselines(args, rep):
                     with torch.set_grad_enabled(mode == "fwd+bwd"):
                         ms = triton.testing.do_bench(call, return_mode="median")
                         rep.timing(name, chunk, mode, 1, t, ms / 1e3)
-                        # The host wall clock that times our forms (bench_kernels.time_torch_baseline).
-                        wall = median_time(call, sync=lambda _: torch.cuda.synchronize())
-                        rep.timing(f"{name}-wall", chunk, mode, 1, t, wall)
+                        # Timed as our forms are (bench_kernels.time_torch_baseline).
+                        piped = median_time(call, sync=lambda _: torch.cuda.synchronize())
+                        rep.timing(f"{name}-piped", chunk, mode, 1, t, piped)
                 except Exception as e:  # noqa: BLE001
                     rep.fail(f"{name} {mode} T={t}", e)
             tx = tdy = None

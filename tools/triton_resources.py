@@ -12,8 +12,8 @@ This needs `pip install triton==3.6.0` (its wheel carries ptxas and cuobjdump; n
 driver is used). Pallas lowers with jaxlib's own copy of Triton, and the device machine may
 run another jax, so the counts can differ a little from what runs there: on 2026-11-27
 gdn_prepare_bwd came out at 255 registers with spills both here and under Nsight Compute on
-an H200, gdn_prepare_wu at 70 in both, gdn_prepare_local at 170 here against 161 there,
-gdn_prepare_solve at 168 against 146.
+an H200, gdn_prepare_local at 170 here against 161 there, and two kernels since merged into
+gdn_prepare_wy, gdn_prepare_wu at 70 in both and gdn_prepare_solve at 168 against 146.
 Use it to compare versions of a kernel before spending device time, not as a measurement.
 """
 

@@ -3,23 +3,21 @@ delta rule: what `xla.prepare` computes, and its reverse. Every kernel runs one 
 per (batch*head, chunk) and reads its chunk of q, k, v, g, beta straight from the
 [B, Tp, H, D] layout (a strided block, no transpose in XLA).
 
-The forward is three kernels, so that no program holds more than a few whole-chunk tiles:
+The forward is two kernels:
 
-    local  G = cumsum g,  E_ij = exp(G_i - G_j) on the masked pairs,
-           L = beta K K^T . E (strictly lower, float32),  aqk = scale (Q K^T) . E (causal),
+    local  G = cumsum g,  aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment),
            qg = scale e^G q,  kg = e^(G_last - G) k
-    solve  T = (I + L)^-1
-    wu     w = T (beta e^G k),  u = T (beta v)
+    wy     L = beta K K^T . exp(G_i - G_j) (strictly lower, same segment),
+           T = (I + L)^-1,  w = T (beta e^G k),  u = T (beta v)
 
-The solve kernel reads L in 16 x 16 blocks and inverts by doubling the inverted
-diagonal blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]]: inside each
-16 x 16 block on the whole tile (masked), then over the blocks, with small float32
-dots and no long chain of dependent steps (the algorithm of `xla.unit_lower_inverse`).
-T is stored in the inputs' dtype, the operand dtype of the products with it; the dots
-are exact for float32 inputs and TF32 for 16-bit ones, whose T is rounded coarser
-still. Going through memory is what lets a program take 16 x 16 blocks of L: Triton
-cannot slice a register tile. The other products run on whole [C, C] and [C, D] tiles in the
-inputs' dtype, so bf16 inputs use the tensor cores with float32 accumulation.
+The wy kernel holds L and T as 16 x 16 register tiles, one per block (Triton cannot
+slice a register tile, so each block of L is its own K_a K_b^T product of key rows read
+from memory): the diagonal blocks of T by forward substitution in float32, the rest by
+doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]]. T is stored
+in the inputs' dtype, the operand dtype of the products with it; the doubling's dots
+are exact for float32 inputs and TF32 for 16-bit ones, whose T is rounded coarser still.
+L never goes through memory. The other products run on whole tiles in the inputs'
+dtype, so bf16 inputs use the tensor cores with float32 accumulation.
 
 The backward is one kernel on whole tiles. It takes T, w and u from the forward, and
 forms dq, dk, dv, dg, dbeta from the cotangents of w, u, qg, aqk, kg:
@@ -49,7 +47,7 @@ from pallas_kernels.gated_delta_rule.xla import Chunked
 # Warps per program of each kernel (nothing here loops over memory, so one stage). In the
 # H200 sweep (`bench_kernels.py --tune prepare`, BENCHMARKS.md) 2 warps made the backward
 # spill and 8 slowed the solve; the other differences were within the run's noise.
-BLOCKS = dict(local=4, solve=4, wu=4, bwd=4)
+BLOCKS = dict(local=4, wy=2, bwd=4)
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
 # Widest K or V the op sends here by default (ops.py): the kernels hold whole [C, K] and
 # [C, V] float32 tiles, which at K = 256 or V = 512 would not fit in registers. Measured
@@ -123,64 +121,87 @@ def _scale_rows(x, s, dtype):
 
 
 def _local_kernel(q_ref, k_ref, g_ref, beta_ref, *refs, scale, has_seg):
-    seg_refs, (l_ref, aqk_ref, qg_ref, kg_ref) = _split(refs, has_seg)
+    seg_refs, (aqk_ref, qg_ref, kg_ref) = _split(refs, has_seg)
     gt = _Gates(g_ref, beta_ref, seg_refs)
     q, k = q_ref[...], k_ref[...]
-    strict, causal = gt.pair_decays()
-    l_ref[...] = gt.beta[:, None] * _mm(k, k, tb=True) * strict
+    _, causal = gt.pair_decays()
     aqk_ref[...] = (scale * _mm(q, k, tb=True) * causal).astype(aqk_ref.dtype)
     qg_ref[...] = _scale_rows(q, gt.carry_in(scale * gt.eg), qg_ref.dtype)
     kg_ref[...] = _scale_rows(k, gt.kg_scale(), kg_ref.dtype)
 
 
-def _inv_unit_lower(l_mat, precision):
-    """(I + L)^-1 for a strictly lower [s, s] L by doubling the inverted diagonal blocks,
-    [[X, 0], [A, Y]] -> [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], on the whole tile: with Inv
-    block diagonal in h-blocks and A the lower-left h-blocks of each 2h-block (masked out
-    of L), the next Inv is Inv - Inv A Inv. log2(s) levels of two dots each, float32
-    operands at `precision`."""
+def _inv_unit_lower(l_mat):
+    """(I + L)^-1 for a strictly lower [s, s] L by forward substitution in float32: with
+    Y = (I + L)^-1 - I, row i is Y_i = -L_i - sum_{m<i} L_im Y_m, from rows already done.
+    Rows 0 and 1 are -L's; each later row is a masked row extraction and a masked
+    multiply-and-reduce over the whole tile (no dots, so no operand layout changes)."""
     s = l_mat.shape[0]
     r, col = _iota((s, s), 0), _iota((s, s), 1)
-    mm = functools.partial(_mm, precision=precision)
-    inv = (r == col).astype(_F32)
-    h = 1
-    while h < s:
-        lower_left = (r // (2 * h) == col // (2 * h)) & ((r // h) % 2 == 1) & ((col // h) % 2 == 0)
-        inv = inv - mm(mm(inv, jnp.where(lower_left, l_mat, 0.0)), inv)
-        h *= 2
-    return inv
+    y = -l_mat
+    for i in range(2, s):
+        row = jnp.sum(jnp.where(r == i, y, 0.0), axis=0)  # -L_i (row i of y is still -L_i)
+        row = row + jnp.sum(row[:, None] * y, axis=0)  # row_m = 0 for m >= i
+        y = jnp.where(r == i, row[None, :], y)
+    return y + (r == col).astype(_F32)
 
 
-def _solve_kernel(l_ref, t_ref, *, bs):
-    """T = (I + L)^-1 in bs-blocks: the diagonal blocks by `_inv_unit_lower`, then the same
-    doubling over blocks, Z = -Y (A X) on the lower-left quadrant of each pair of halves.
-    The dots are exact float32 when T is stored in float32, TF32 when it is stored in a
-    16-bit dtype (their rounding is then below T's own)."""
-    nb = l_ref.shape[0] // bs
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
+    """L, T = (I + L)^-1, w and u of one chunk in bs-row blocks, each block a register
+    tile of its own (Triton cannot slice one): the blocks of L from K K^T of key blocks
+    read straight from k_ref, the diagonal blocks of T by `_inv_unit_lower`, the rest by
+    doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], then w
+    and u from T's blocks. The doubling's dots are exact float32 when T is stored in
+    float32, TF32 when it is stored in a 16-bit dtype (their rounding is below T's own)."""
+    seg_refs, (t_ref, w_ref, u_ref) = _split(refs, has_seg)
+    nb = k_ref.shape[0] // bs
+    rows = lambda a: pl.ds(a * bs, bs)
     precision = jax.lax.Precision.HIGHEST if t_ref.dtype == _F32 else jax.lax.Precision.DEFAULT
     mm = functools.partial(_mm, precision=precision)
-    blk = lambda a, b: (pl.ds(a * bs, bs), pl.ds(b * bs, bs))
-    t = {(a, a): _inv_unit_lower(l_ref[blk(a, a)], precision) for a in range(nb)}
+    r, col = _iota((bs, bs), 0), _iota((bs, bs), 1)
+    gcum, beta, k, seg = [], [], [], []
+    total = 0.0  # G at the end of the blocks so far
+    for a in range(nb):
+        g = g_ref[rows(a)].astype(_F32)
+        gcum.append(total + jnp.cumsum(g))
+        total = total + jnp.sum(g)
+        beta.append(beta_ref[rows(a)].astype(_F32))
+        k.append(k_ref[rows(a), :])
+        if has_seg:
+            seg.append(seg_refs[0][rows(a)])
+    lower = {}  # L_ab = beta_a (K_a K_b^T) . exp(G_a - G_b) on the strictly lower, same-segment pairs
+    for a in range(nb):
+        for b in range(a + 1):
+            m = (r > col) if a == b else None
+            if has_seg:
+                same = seg[a][:, None] == seg[b][None, :]
+                m = same if m is None else m & same
+            diff = gcum[a][:, None] - gcum[b][None, :]  # <= 0 on pairs of later rows
+            decay = jnp.exp(diff) if m is None else jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
+            lower[a, b] = beta[a][:, None] * _mm(k[a], k[b], tb=True) * decay
+    t = {(a, a): _inv_unit_lower(lower[a, a]) for a in range(nb)}
     h = 1
     while h < nb:
         for start in range(0, nb, 2 * h):
             top, bot = range(start, min(start + h, nb)), range(start + h, min(start + 2 * h, nb))
-            ax = {(i, j): sum(mm(l_ref[blk(i, m)], t[m, j]) for m in top if m >= j) for i in bot for j in top}
+            ax = {(i, j): sum(mm(lower[i, m], t[m, j]) for m in top if m >= j) for i in bot for j in top}
             for i in bot:
                 for j in top:
                     t[i, j] = -sum(mm(t[i, m], ax[m, j]) for m in bot if m <= i)
         h *= 2
+    cd = t_ref.dtype
+    t = {key: x.astype(cd) for key, x in t.items()}
+    rw, ru = [], []  # right-hand sides: beta e^G carry_in k, beta v
+    for a in range(nb):
+        scale_w = beta[a] * jnp.exp(gcum[a])
+        if has_seg:
+            scale_w = scale_w * seg_refs[1][rows(a)]
+        rw.append(_scale_rows(k[a], scale_w, cd))
+        ru.append(_scale_rows(v_ref[rows(a), :], beta[a], cd))
     for a in range(nb):
         for b in range(nb):
-            t_ref[blk(a, b)] = (t[a, b] if b <= a else jnp.zeros((bs, bs), _F32)).astype(t_ref.dtype)
-
-
-def _wu_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, has_seg):
-    seg_refs, (t_ref, w_ref, u_ref) = _split(refs, has_seg)
-    gt = _Gates(g_ref, beta_ref, seg_refs)
-    t = t_ref[...]
-    w_ref[...] = _mm(t, _scale_rows(k_ref[...], gt.rhs_w_scale(), t.dtype)).astype(w_ref.dtype)
-    u_ref[...] = _mm(t, _scale_rows(v_ref[...], gt.beta, t.dtype)).astype(u_ref.dtype)
+            t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
+        w_ref[rows(a), :] = sum(_mm(t[a, b], rw[b]) for b in range(a + 1)).astype(w_ref.dtype)
+        u_ref[rows(a), :] = sum(_mm(t[a, b], ru[b]) for b in range(a + 1)).astype(u_ref.dtype)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, scale, has_seg):
@@ -293,25 +314,22 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
     bht, isz, osz = b * h * tp, q.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     gates = bht * 8 + (12 * b * tp if has_seg else 0)
 
-    lower, aqk, qg, kg = _call(
+    aqk, qg, kg = _call(
         functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", grid,
-        _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, c, dk, dk)),
-        [shape(c, _F32), shape(c), shape(dk), shape(dk)],
-        flops=4 * bht * c * dk, nbytes=gates + bht * (2 * isz * dk + 4 * c + osz * (c + 2 * dk)),
+        _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, dk, dk)),
+        [shape(c), shape(dk), shape(dk)],
+        flops=2 * bht * c * dk, nbytes=gates + bht * (2 * isz * dk + osz * (c + 2 * dk)),
         transcendentals=bht * (c + 2), interpret=interpret,
     )(q, k, g, beta, *segs)
     bs = _sub(c)
-    t = _call(
-        functools.partial(_solve_kernel, bs=bs), "solve", grid, _chunk_specs(c, (c,)), _chunk_specs(c, (c,))[0],
-        shape(c, q.dtype), flops=bht * c * (c + bs), nbytes=bht * c * (4 + isz), transcendentals=0,
+    t, w, u = _call(
+        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", grid,
+        _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, (c, dk, dv)),
+        [shape(c, q.dtype), shape(dk), shape(dv)],
+        flops=bht * (2 * c * dk + c * (c + bs) + 2 * c * (dk + dv)),
+        nbytes=gates + bht * (isz * (dk + dv + c) + osz * (dk + dv)), transcendentals=bht * (c + 1),
         interpret=interpret,
-    )(lower)
-    w, u = _call(
-        functools.partial(_wu_kernel, has_seg=has_seg), "wu", grid,
-        _token_specs(b, h, c, (dk, dv, None, None), has_seg) + _chunk_specs(c, (c,)), _chunk_specs(c, (dk, dv)),
-        [shape(dk), shape(dv)], flops=2 * bht * c * (dk + dv),
-        nbytes=gates + bht * (isz * (dk + dv + c) + osz * (dk + dv)), transcendentals=bht, interpret=interpret,
-    )(k, v, g, beta, *segs, t)
+    )(k, v, g, beta, *segs)
     return (w, u, qg, aqk, kg), t
 
 
