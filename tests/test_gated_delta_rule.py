@@ -412,7 +412,7 @@ def test_triton_resources_tool_keeps_every_gpu_kernel():
     assert sorted(kernels) == sorted(GPU_KERNELS)
     for name, (ir, warps, stages) in kernels.items():
         assert f"tt.func public @{name}" in ir, name
-        assert warps == (gpu_prepare.BLOCKS[name.split("_")[-1]] if "prepare" in name else 4), name
+        assert warps == (gpu_prepare.num_warps(name.split("_")[-1], 64) if "prepare" in name else 4), name
         assert stages == 1, name
 
 

@@ -33,10 +33,15 @@ from pallas_kernels.gated_delta_rule.xla import (
 
 
 # Launch parameters of the sequential kernels. They load chunk i+1's tiles into registers
-# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off. On
-# an H200 at B = 1, H = 32, K = V = 64, T = 16K this and V blocks of 16 (B*H*V/16 = 128
-# programs, under the 132 SMs) took the op's fwd+bwd from 2.615 to 2.421 ms (BENCHMARKS.md).
-BLOCKS = dict(block_v=16, num_warps=4)
+# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off.
+# block_v None: the widest V block that still gives WALK_PROGRAMS programs (`_block_v`).
+BLOCKS = dict(block_v=None, num_warps=4)
+# Programs the walks aim for, about one per SM of an H100 or H200 (132). Each program walks
+# every chunk of one (batch*head, V block): narrower blocks give more programs, but each
+# loads the K-wide tiles (w, kg) again. On an H100 (BENCHMARKS.md), fwd+bwd at B = 1,
+# H = 32, V = 64, T = 16K: V block 16 (128 programs) 2.110 ms, 32 (64) 2.167 ms; at B = 4,
+# T = 8K: 64 (128 programs) 3.453 ms, 32 (256) 3.663 ms, 16 (512) 4.423 ms.
+WALK_PROGRAMS = 128
 # V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
 # register tile at K = 256 (the whole [K, V] state would not at V = 512).
 OUT_BLOCK_V = 64
@@ -75,8 +80,15 @@ def check_power_of_two(interpret, **dims):
             raise ValueError(f"Pallas GPU kernel needs {name} a power of two >= 16, got {d}")
 
 
-def _block_v(dv, block_v):
-    bv = min(block_v or BLOCKS["block_v"], dv)
+def _block_v(dv, bh, block_v):
+    """The walks' V block: block_v, else BLOCKS["block_v"], else V halved while it stays
+    >= 16 and the bh * V / block programs stay fewer than WALK_PROGRAMS."""
+    bv = block_v or BLOCKS["block_v"]
+    if bv is None:
+        bv = dv
+        while bv % 2 == 0 and bv // 2 >= 16 and bh * (dv // bv) < WALK_PROGRAMS:
+            bv //= 2
+    bv = min(bv, dv)
     if dv % bv:
         raise ValueError(f"V={dv} is not a multiple of the V block {bv}")
     return bv
@@ -112,7 +124,7 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv, block_v)
+    bv = _block_v(dv, bh, block_v)
     check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = u.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
@@ -197,7 +209,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
     dv_dim = do.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv_dim, block_v)
+    bv = _block_v(dv_dim, bh, block_v)
     check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = w.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))

@@ -44,10 +44,10 @@ from pallas_kernels._common import chunk_segments, pad_time
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
 from pallas_kernels.gated_delta_rule.xla import Chunked
 
-# Warps per program of each kernel (nothing here loops over memory, so one stage). In the
-# H200 sweep (`bench_kernels.py --tune prepare`, BENCHMARKS.md) 2 warps made the backward
-# spill and 8 slowed the solve; the other differences were within the run's noise.
-BLOCKS = dict(local=4, wy=2, bwd=4)
+# Warps per program of each kernel (nothing here loops over memory, so one stage), from
+# the sweeps of `bench_kernels.py --tune prepare` (BENCHMARKS.md). The backward's (None)
+# depend on the head width: see `num_warps`.
+BLOCKS = dict(local=4, wy=2, bwd=None)
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
 # Widest K or V the op sends here by default (ops.py): the kernels hold whole [C, K] and
 # [C, V] float32 tiles, which at K = 256 or V = 512 would not fit in registers. Measured
@@ -279,14 +279,23 @@ def _chunk_specs(c, dims):
     return [pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0)) for d in dims]
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, flops, nbytes, transcendentals, interpret):
+def num_warps(name, width):
+    """Warps of kernel `name` at head width max(K, V): BLOCKS[name], or for the backward
+    (None) 4 up to width 64 and 8 above. At K = V = 128 it spills 96 bytes a thread with
+    8 warps against 1192 with 4 (tools/triton_resources.py), and the op's fwd+bwd took
+    2.596 against 2.945 ms on an H100; at 64, 8 warps were slower, 2.433 against 2.109 ms."""
+    warps = BLOCKS[name]
+    return warps if warps is not None else (4 if width <= 64 else 8)
+
+
+def _call(kernel, name, width, grid, in_specs, out_specs, out_shape, flops, nbytes, transcendentals, interpret):
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=BLOCKS[name], num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps(name, width), num_stages=1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=nbytes),
         interpret=interpret,
         name=f"gdn_prepare_{name}",
@@ -315,7 +324,7 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
     gates = bht * 8 + (12 * b * tp if has_seg else 0)
 
     aqk, qg, kg = _call(
-        functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", grid,
+        functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", max(dk, dv), grid,
         _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, dk, dk)),
         [shape(c), shape(dk), shape(dk)],
         flops=2 * bht * c * dk, nbytes=gates + bht * (2 * isz * dk + osz * (c + 2 * dk)),
@@ -323,7 +332,7 @@ def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpr
     )(q, k, g, beta, *segs)
     bs = _sub(c)
     t, w, u = _call(
-        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", grid,
+        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", max(dk, dv), grid,
         _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, (c, dk, dv)),
         [shape(c, q.dtype), shape(dk), shape(dv)],
         flops=bht * (2 * c * dk + c * (c + bs) + 2 * c * (dk + dv)),
@@ -349,7 +358,7 @@ def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chun
     flops = 2 * bht * c * (5 * dk + 3 * dv)
     nbytes = bht * (2 * isz * (2 * dk + dv) + 16 + isz * c + dw.dtype.itemsize * (5 * dk + 3 * dv + c))
     return _call(
-        functools.partial(_bwd_kernel, scale=scale, has_seg=has_seg), "bwd", (b * h, tp // c), in_specs,
+        functools.partial(_bwd_kernel, scale=scale, has_seg=has_seg), "bwd", max(dk, dv), (b * h, tp // c), in_specs,
         _token_specs(b, h, c, (dk, dk, dv, None, None), False), out_shape,
         flops=flops, nbytes=nbytes, transcendentals=bht * (c + 2), interpret=interpret,
     )(q, k, v, g, beta, *(segs or ()), t, w, u, dw, du, dqg, daqk, dkg)
