@@ -416,6 +416,20 @@ def test_triton_resources_tool_keeps_every_gpu_kernel():
         assert stages == 1, name
 
 
+@pytest.mark.parametrize("bh,dv", [(32, 64), (128, 64), (64, 64), (16, 128), (1, 512), (2, 48), (3, 20)])
+def test_gpu_walk_block_is_widest_that_fills_the_gpu(bh, dv):
+    """The walks' default V block divides V, and is the widest power-of-two fraction of V
+    (down to 16) with at least gpu.WALK_PROGRAMS programs, or 16 when none has that many."""
+    from pallas_kernels.gated_delta_rule import gpu
+
+    bv = gpu._block_v(dv, bh, None)
+    candidates = [dv // 2**i for i in range(8) if dv % 2**i == 0 and dv // 2**i >= 16] or [dv]
+    enough = [c for c in candidates if bh * (dv // c) >= gpu.WALK_PROGRAMS]
+    assert dv % bv == 0
+    assert bv == (max(enough) if enough else min(candidates)), (bh, dv, bv)
+    assert gpu._block_v(dv, bh, dv) == dv  # an explicit block wins
+
+
 @pytest.mark.parametrize("c", [1, 3, 16, 63, 64])
 def test_unit_lower_inverse_matches_numpy_float64(c):
     """The doubling inverse inside xla.prepare is exact (float64), any C (padded inside)."""

@@ -133,7 +133,7 @@ def _local_kernel(q_ref, k_ref, g_ref, beta_ref, *refs, scale, has_seg):
 def _inv_unit_lower(l_mat):
     """(I + L)^-1 for a strictly lower [s, s] L by forward substitution in float32: with
     Y = (I + L)^-1 - I, row i is Y_i = -L_i - sum_{m<i} L_im Y_m, from rows already done.
-    Rows 0 and 1 are -L's; each later row is a masked row extraction and a masked
+    Rows 0 and 1 are -L's; each later row is a masked row extraction and a
     multiply-and-reduce over the whole tile (no dots, so no operand layout changes)."""
     s = l_mat.shape[0]
     r, col = _iota((s, s), 0), _iota((s, s), 1)
