@@ -275,10 +275,11 @@ def _compare_prepare(prep_fns, args, report, key):
     print(f"{key}: {json.dumps(errs)}", flush=True)
 
 
-def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
-    """Sweep the Triton launch parameters of our GPU kernels; keep the fastest fwd+bwd."""
+def tune_gdn_gpu(args, chunk, report, t=8192):
+    """Sweep the walks' V block and warps at the first --batch; keep the fastest fwd+bwd."""
     from pallas_kernels.gated_delta_rule import gpu
 
+    b = args.batch[0]
     q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     timings = []
     for block_v in (16, 32, 64):
@@ -300,12 +301,13 @@ def tune_gdn_gpu(args, chunk, report, b=1, t=8192):
     print(f"tuned GPU blocks: {best}", flush=True)
 
 
-def tune_prepare_gpu(args, chunk, report, b=1, t=16384):
+def tune_prepare_gpu(args, chunk, report, t=16384):
     """Time the chunk-local `gpu_prepare` kernels, fwd and fwd+bwd, with each kernel's warps
     swept in turn (the others at their BLOCKS value); leaves BLOCKS as it found them (this
     is a probe, not a choice)."""
     from pallas_kernels.gated_delta_rule import gpu_prepare
 
+    b = args.batch[0]
     q, k, v, g, beta, _ = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     base = dict(gpu_prepare.BLOCKS)
     timings = []
@@ -568,8 +570,9 @@ def main():
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check of our Pallas form")
     p.add_argument("--markdown", default=None, help="append one table row per measurement to this file")
     p.add_argument("--tune", nargs="*", choices=["prepare", "recurrence"],
-                   help="first sweep the launch parameters of our GPU kernels (gdn): the chunk-local "
-                        "`gpu_prepare` kernels, the recurrence, or both (no argument)")
+                   help="first sweep the launch parameters of our GPU kernels (gdn), at the first --batch: "
+                        "the chunk-local `gpu_prepare` kernels' warps (reported only), the walks' V block "
+                        "and warps (the fastest is kept), or both (no argument)")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds; later configs are skipped")
     p.add_argument("--json", default=None)
     args = p.parse_args()
