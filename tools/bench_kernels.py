@@ -58,21 +58,26 @@ def median_time(fn, *args, samples=10, warmup=2, sample_seconds=0.02, max_reps=1
     return float(np.median(times))
 
 
-def time_torch_baseline(results, peaks, name, fwd, fwd_bwd, b, t, flops, bytes_fwd, bytes_fwd_bwd):
-    """Rows for a torch baseline, timed two ways: `name`, the median of triton's do_bench
-    (CUDA events around each call, L2 flushed before it; how the issue's reference figures
-    were taken) and `name`-piped, by `median_time` as our JAX forms are (calls back to back,
-    one device synchronisation per sample; PyTorch's host work per call included where the
-    device waits on it)."""
+def torch_times(fn, grad):
+    """Two timings in seconds of a torch call `fn` (grad: with autograd on): the median of
+    triton's do_bench (CUDA events around each call, L2 flushed before it; how the issue's
+    reference figures were taken), and `median_time` as our JAX forms are timed (calls back
+    to back, one device synchronisation per sample; PyTorch's host work per call included
+    where the device waits on it)."""
     import torch
     import triton
 
-    sync = lambda _: torch.cuda.synchronize()
+    with torch.set_grad_enabled(grad):
+        ms = triton.testing.do_bench(fn, return_mode="median")
+        return ms / 1e3, median_time(fn, sync=lambda _: torch.cuda.synchronize())
+
+
+def time_torch_baseline(results, peaks, name, fwd, fwd_bwd, b, t, flops, bytes_fwd, bytes_fwd_bwd):
+    """Rows for a torch baseline by `torch_times`: `name` (do_bench) and `name`-piped."""
     for mode, fn, fl, nbytes in (("fwd", fwd, flops, bytes_fwd), ("fwd+bwd", fwd_bwd, 3 * flops, bytes_fwd_bwd)):
-        with torch.set_grad_enabled(mode == "fwd+bwd"):
-            ms = triton.testing.do_bench(fn, return_mode="median")
-            row(results, peaks, name, mode, b, t, ms / 1e3, fl, nbytes)
-            row(results, peaks, f"{name}-piped", mode, b, t, median_time(fn, sync=sync), fl, nbytes)
+        bench, piped = torch_times(fn, grad=mode == "fwd+bwd")
+        row(results, peaks, name, mode, b, t, bench, fl, nbytes)
+        row(results, peaks, f"{name}-piped", mode, b, t, piped, fl, nbytes)
 
 
 def measure_peaks():

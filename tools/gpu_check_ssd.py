@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels._common import rel_rms  # noqa: E402
 from bench_kernels import (SSD_GROUPS, _ssd_jax_fns, _ssd_torch_fns, _to_torch, check_ssd,  # noqa: E402
-                           median_time, ssd_flops, ssd_inputs)
+                           median_time, ssd_flops, ssd_inputs, torch_times)
 
 H, P, N = 32, 64, 128
 
@@ -179,7 +179,6 @@ def stage_baselines(args, rep):
             rep.add(name, "not importable")
             continue
         import torch
-        import triton
 
         for t in args.seqlen:
             x, dt, A, B, C, dy = ssd_inputs(1, t, H, P, N, SSD_GROUPS)
@@ -192,12 +191,9 @@ def stage_baselines(args, rep):
                 try:
                     call = ((lambda tx=tx: fn(*tx)) if mode == "fwd"
                             else (lambda tx=tx, tdy=tdy: fn(*tx)[0].backward(tdy)))
-                    with torch.set_grad_enabled(mode == "fwd+bwd"):
-                        ms = triton.testing.do_bench(call, return_mode="median")
-                        rep.timing(name, chunk, mode, 1, t, ms / 1e3)
-                        # Timed as our forms are (bench_kernels.time_torch_baseline).
-                        piped = median_time(call, sync=lambda _: torch.cuda.synchronize())
-                        rep.timing(f"{name}-piped", chunk, mode, 1, t, piped)
+                    bench, piped = torch_times(call, grad=mode == "fwd+bwd")
+                    rep.timing(name, chunk, mode, 1, t, bench)
+                    rep.timing(f"{name}-piped", chunk, mode, 1, t, piped)
                 except Exception as e:  # noqa: BLE001
                     rep.fail(f"{name} {mode} T={t}", e)
             tx = tdy = None
