@@ -373,16 +373,16 @@ def test_tpu_kernels_lower_with_mosaic(dtype, dk, dv):
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
-GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_wy", "gdn_prepare_bwd", "gdn_chunk_states", "gdn_chunk_out",
+GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_wy", "gdn_prepare_out", "gdn_prepare_bwd", "gdn_chunk_states",
                "gdn_chunk_bwd", "gdn_chunk_grads")
 
 
 @pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False),
                                                 (jnp.bfloat16, 256, 512, False)])
 def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
-    """All seven GDN GPU kernels (the chunk-local prepare's two and its reverse, the recurrence's
-    states and outputs, its reverse walk and its parallel gradients) lower to Triton for CUDA on
-    this CPU-only machine."""
+    """All seven GDN GPU kernels of the op (the chunk-local ones: aqk and qg, T, w, u and kg, the
+    output from the states, and their reverse; the recurrence's state walk, its reverse walk
+    and its parallel gradients) lower to Triton for CUDA on this CPU-only machine."""
     module = _export_grad("gpu", "cuda", dtype, dk=dk, dv=dv, use_seg=use_seg, value=True,
                           prepare_impl="pallas").mlir_module()
     assert module.count("__gpu$xla.gpu.triton") >= 8  # the backward pass recomputes the states
@@ -392,9 +392,11 @@ def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
 
 @pytest.mark.parametrize("dk,dv,expect_prepare_kernels", [(64, 64, True), (128, 128, True), (256, 512, False)])
 def test_gpu_default_prepare_by_head_width(dk, dv, expect_prepare_kernels):
-    """On GPU the chunk-local part runs in the gpu_prepare kernels up to K, V = 128, in XLA above."""
+    """On GPU the chunk-local part runs in the gpu_prepare kernels up to K, V = 128, in XLA above
+    (where the outputs come from the recurrence's own kernel, from XLA's aqk and qg)."""
     module = _export_grad("gpu", "cuda", jnp.bfloat16, dk=dk, dv=dv, value=True, prepare_impl=None).mlir_module()
     assert ('name = "gdn_prepare_local"' in module) == expect_prepare_kernels
+    assert ('name = "gdn_chunk_out"' in module) != expect_prepare_kernels
     assert 'name = "gdn_chunk_states"' in module
 
 

@@ -307,27 +307,27 @@ def tune_gdn_gpu(args, chunk, report, t=8192):
 
 
 def tune_prepare_gpu(args, chunk, report, t=16384):
-    """Time the chunk-local `gpu_prepare` kernels, fwd and fwd+bwd, with each kernel's warps
-    swept in turn (the others at their BLOCKS value); leaves BLOCKS as it found them (this
-    is a probe, not a choice)."""
+    """Time the whole op (our Pallas form), fwd and fwd+bwd, with each `gpu_prepare`
+    kernel's warps swept in turn (the others at their BLOCKS value); leaves BLOCKS as it
+    found them (this is a probe, not a choice)."""
     from pallas_kernels.gated_delta_rule import gpu_prepare
 
     b = args.batch[0]
-    q, k, v, g, beta, _ = gdn_inputs(b, t, args.heads, args.dk, args.dv)
+    q, k, v, g, beta, do = gdn_inputs(b, t, args.heads, args.dk, args.dv)
     base = dict(gpu_prepare.BLOCKS)
     timings = []
     for kernel in base:
         for num_warps in (2, 4, 8):
             gpu_prepare.BLOCKS.update(base, **{kernel: num_warps})
             jax.clear_caches()
-            pf, pfb = _prepare_fns(args.dk**-0.5, chunk)["prepare-pallas"]
+            fwd, fwd_bwd = _jax_fns("pallas", chunk)
             try:
-                tf, tfb = median_time(pf, q, k, v, g, beta), median_time(pfb, q, k, v, g, beta)
+                tf, tfb = median_time(fwd, q, k, v, g, beta), median_time(fwd_bwd, q, k, v, g, beta, do)
             except Exception as e:  # noqa: BLE001
                 print(f"tune prepare {gpu_prepare.BLOCKS} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             timings.append(dict(gpu_prepare.BLOCKS, fwd_ms=tf * 1e3, fwd_bwd_ms=tfb * 1e3))
-            print(f"tune prepare B={b} T={t} {gpu_prepare.BLOCKS}: fwd {tf * 1e3:.3f} ms, "
+            print(f"tune prepare B={b} T={t} {gpu_prepare.BLOCKS}: op fwd {tf * 1e3:.3f} ms, "
                   f"fwd+bwd {tfb * 1e3:.3f} ms", flush=True)
     gpu_prepare.BLOCKS.update(base)
     report["prepare_tuning"] = timings

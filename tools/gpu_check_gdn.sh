@@ -11,8 +11,8 @@
 # Each step has its own timeout and writes as it goes to $OUT: gdn_rows.md (markdown rows),
 # gdn_*.json (rewritten after every row), *.log. fla-core 0.6.0 comes as a wheel in .whl/
 # (never committed); without it the fla rows are skipped. At H = 32 `--tune prepare` first
-# times each chunk-local kernel at 2, 4 and 8 warps (a report; the rows keep the committed
-# values). At H = 16, K = V = 128 `--tune recurrence` first sweeps the sequential kernels'
+# times the whole op with each gpu_prepare kernel at 2, 4 and 8 warps (a report; the rows keep
+# the committed values). At H = 16, K = V = 128 `--tune recurrence` first sweeps the sequential kernels'
 # V block and warps (at K = 128 the backward walk spills with 4 warps, not with 8;
 # tools/triton_resources.py) and times the rest with the fastest.
 set -o pipefail

@@ -47,7 +47,7 @@ WALK_PROGRAMS = 128
 OUT_BLOCK_V = 64
 
 
-def _out_block(dv):
+def out_block(dv):
     """OUT_BLOCK_V, or the whole V when it does not divide it."""
     return OUT_BLOCK_V if dv % OUT_BLOCK_V == 0 else dv
 
@@ -162,7 +162,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _out_block(dv)
+    bv = out_block(dv)
     tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j, m: (i, j, 0))
     col = pl.BlockSpec((None, c, bv), lambda i, j, m: (i, j, m))
     itemsize = jnp.dtype(u.dtype).itemsize
@@ -276,7 +276,7 @@ def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
     tp = n * c
     od = h.dtype
     bk = min(dk, 64)
-    bv = _out_block(dv_dim)
+    bv = out_block(dv_dim)
     rows = pl.BlockSpec((None, c, dv_dim), lambda i, j, m: (i, j, 0))
     state = pl.BlockSpec((None, None, bk, dv_dim), lambda i, j, m: (i, j, m, 0))
     kcol = pl.BlockSpec((None, c, bk), lambda i, j, m: (i, j, m))

@@ -41,13 +41,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import chunk_segments, pad_time
+from pallas_kernels.gated_delta_rule import gpu
 from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
-from pallas_kernels.gated_delta_rule.xla import Chunked
+from pallas_kernels.gated_delta_rule.xla import Chunked, chunk_output
 
 # Warps per program of each kernel (nothing here loops over memory, so one stage), from
 # the sweeps of `bench_kernels.py --tune prepare` (BENCHMARKS.md). The backward's (None)
 # depend on the head width: see `num_warps`.
-BLOCKS = dict(local=4, wy=2, bwd=None)
+BLOCKS = dict(local=4, wy=2, out=4, bwd=None)
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
 # Widest K or V the op sends here by default (ops.py): the kernels hold whole [C, K] and
 # [C, V] float32 tiles, which at K = 256 or V = 512 would not fit in registers. Measured
@@ -78,7 +79,7 @@ class _Gates:
         self.gcum = jnp.cumsum(g_ref[...].astype(_F32))
         self.eg = jnp.exp(self.gcum)
         self.glast = jnp.sum(jnp.where(_iota((c,), 0) == c - 1, self.gcum, 0.0))
-        self.beta = beta_ref[...].astype(_F32)
+        self.beta = None if beta_ref is None else beta_ref[...].astype(_F32)
         self.seg_refs = seg_refs
 
     def pair_decays(self):
@@ -121,28 +122,44 @@ def _scale_rows(x, s, dtype):
 
 
 def _local_kernel(q_ref, k_ref, g_ref, beta_ref, *refs, scale, has_seg):
-    seg_refs, (aqk_ref, qg_ref, kg_ref) = _split(refs, has_seg)
+    seg_refs, (aqk_ref, qg_ref) = _split(refs, has_seg)
     gt = _Gates(g_ref, beta_ref, seg_refs)
-    q, k = q_ref[...], k_ref[...]
+    aqk, qg = _local_tiles(gt, q_ref[...], k_ref[...], scale, aqk_ref.dtype)
+    aqk_ref[...] = aqk
+    qg_ref[...] = qg.astype(qg_ref.dtype)
+
+
+def _local_tiles(gt, q, k, scale, dtype):
+    """aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment) and qg = scale e^G
+    carry_in q of one chunk, in dtype."""
     _, causal = gt.pair_decays()
-    aqk_ref[...] = (scale * _mm(q, k, tb=True) * causal).astype(aqk_ref.dtype)
-    qg_ref[...] = _scale_rows(q, gt.carry_in(scale * gt.eg), qg_ref.dtype)
-    kg_ref[...] = _scale_rows(k, gt.kg_scale(), kg_ref.dtype)
+    aqk = (scale * _mm(q, k, tb=True) * causal).astype(dtype)
+    return aqk, _scale_rows(q, gt.carry_in(scale * gt.eg), dtype)
 
 
-def _inv_unit_lower(l_mat):
-    """(I + L)^-1 for a strictly lower [s, s] L by forward substitution in float32: with
-    Y = (I + L)^-1 - I, row i is Y_i = -L_i - sum_{m<i} L_im Y_m, from rows already done.
-    Rows 0 and 1 are -L's; each later row is a masked row extraction and a
-    multiply-and-reduce over the whole tile (no dots, so no operand layout changes)."""
+def _out_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
+    """o = qg S + aqk v_new of one chunk and block of V columns, with aqk and qg formed
+    here from q, k and the gates rather than read from memory."""
+    seg_refs, (h_ref, vn_ref, o_ref) = _split(refs, has_seg)
+    gt = _Gates(g_ref, None, seg_refs)
+    aqk, qg = _local_tiles(gt, q_ref[...], k_ref[...], scale, vn_ref.dtype)
+    o_ref[...] = chunk_output(h_ref[...], qg, aqk, vn_ref[...]).astype(o_ref.dtype)
+
+
+def _inv_unit_lower(l_mat, mm):
+    """(I + L)^-1 for a strictly lower [s, s] L (s a power of two) by doubling inside the
+    tile: with T the inverse of I + L's diagonal h x h blocks, the 2h x 2h blocks' inverse
+    is T - T N T, N = L on the (lower half, upper half) pairs of each 2h block, 0 elsewhere.
+    No slicing, no row extraction: log2(s) levels of two dots (`mm`) on the whole tile."""
     s = l_mat.shape[0]
     r, col = _iota((s, s), 0), _iota((s, s), 1)
-    y = -l_mat
-    for i in range(2, s):
-        row = jnp.sum(jnp.where(r == i, y, 0.0), axis=0)  # -L_i (row i of y is still -L_i)
-        row = row + jnp.sum(row[:, None] * y, axis=0)  # row_m = 0 for m >= i
-        y = jnp.where(r == i, row[None, :], y)
-    return y + (r == col).astype(_F32)
+    t = (r == col).astype(_F32) - jnp.where((r % 2 == 1) & (col == r - 1), l_mat, 0.0)  # h = 1: T N T = N
+    h = 2
+    while h < s:
+        n = jnp.where(((r // h) % 2 == 1) & (col // h == r // h - 1), l_mat, 0.0)
+        t = t - mm(t, mm(n, t))
+        h *= 2
+    return t
 
 
 def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
@@ -152,7 +169,7 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
     doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], then w
     and u from T's blocks. The doubling's dots are exact float32 when T is stored in
     float32, TF32 when it is stored in a 16-bit dtype (their rounding is below T's own)."""
-    seg_refs, (t_ref, w_ref, u_ref) = _split(refs, has_seg)
+    seg_refs, (t_ref, w_ref, u_ref, kg_ref) = _split(refs, has_seg)
     nb = k_ref.shape[0] // bs
     rows = lambda a: pl.ds(a * bs, bs)
     precision = jax.lax.Precision.HIGHEST if t_ref.dtype == _F32 else jax.lax.Precision.DEFAULT
@@ -178,7 +195,7 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
             diff = gcum[a][:, None] - gcum[b][None, :]  # <= 0 on pairs of later rows
             decay = jnp.exp(diff) if m is None else jnp.where(m, jnp.exp(jnp.where(m, diff, 0.0)), 0.0)
             lower[a, b] = beta[a][:, None] * _mm(k[a], k[b], tb=True) * decay
-    t = {(a, a): _inv_unit_lower(lower[a, a]) for a in range(nb)}
+    t = {(a, a): _inv_unit_lower(lower[a, a], mm) for a in range(nb)}
     h = 1
     while h < nb:
         for start in range(0, nb, 2 * h):
@@ -190,16 +207,23 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
         h *= 2
     cd = t_ref.dtype
     t = {key: x.astype(cd) for key, x in t.items()}
-    rw, ru = [], []  # right-hand sides: beta e^G carry_in k, beta v
+    for a in range(nb):
+        for b in range(nb):
+            t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
+    # Right-hand sides beta e^G carry_in k and beta v, from key rows read again (after the
+    # stores above, so not merged with the first reads): the first ones are dead by now.
+    rw, ru = [], []
     for a in range(nb):
         scale_w = beta[a] * jnp.exp(gcum[a])
         if has_seg:
             scale_w = scale_w * seg_refs[1][rows(a)]
-        rw.append(_scale_rows(k[a], scale_w, cd))
+        k_a = k_ref[rows(a), :]
+        rw.append(_scale_rows(k_a, scale_w, cd))
+        scale_kg = jnp.exp(total - gcum[a])  # e^(G_last - G) carry_out
+        if has_seg:
+            scale_kg = scale_kg * seg_refs[2][rows(a)]
+        kg_ref[rows(a), :] = _scale_rows(k_a, scale_kg, kg_ref.dtype)
         ru.append(_scale_rows(v_ref[rows(a), :], beta[a], cd))
-    for a in range(nb):
-        for b in range(nb):
-            t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
         w_ref[rows(a), :] = sum(_mm(t[a, b], rw[b]) for b in range(a + 1)).astype(w_ref.dtype)
         u_ref[rows(a), :] = sum(_mm(t[a, b], ru[b]) for b in range(a + 1)).astype(u_ref.dtype)
 
@@ -265,12 +289,12 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, scale, has_seg):
 
 def _token_specs(b, h, c, dims, has_seg):
     """Specs of [B, Tp, H, d] arrays (d in dims; None: a [B, Tp, H] gate) and, with has_seg,
-    of seg, carry_in, carry_out [B, Tp], for the grid (B*H, N)."""
-    tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j: (i // h, j, i % h, 0))
-    gate = pl.BlockSpec((None, c, None), lambda i, j: (i // h, j, i % h))
+    of seg, carry_in, carry_out [B, Tp], for a grid (B*H, N, ...)."""
+    tok = lambda d: pl.BlockSpec((None, c, None, d), lambda i, j, *_: (i // h, j, i % h, 0))
+    gate = pl.BlockSpec((None, c, None), lambda i, j, *_: (i // h, j, i % h))
     specs = [gate if d is None else tok(d) for d in dims]
     if has_seg:
-        specs += [pl.BlockSpec((None, c), lambda i, j: (i // h, j))] * 3
+        specs += [pl.BlockSpec((None, c), lambda i, j, *_: (i // h, j))] * 3
     return specs
 
 
@@ -307,43 +331,80 @@ def _sub(c):
     return SUB if c % SUB == 0 else c
 
 
-def prepare_fwd(q, k, v, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False):
-    """q, k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g, beta: [B, Tp, H] float32;
-    segs: None or (segment index int32, carry_in float32, carry_out float32), each [B, Tp].
-    Returns (w, u, qg, aqk, kg) head-major [BH, Tp, K|V|C] in out_dtype, and
-    T = (I + L)^-1 per chunk [BH, Tp, C] in q's dtype (for the backward)."""
+def _gate_bytes(b, h, tp, has_seg):
+    return b * h * tp * 8 + (12 * b * tp if has_seg else 0)
+
+
+def local(q, k, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False):
+    """q, k: [B, Tp, H, K]; g, beta: [B, Tp, H] float32; segs: None or (segment index int32,
+    carry_in float32, carry_out float32), each [B, Tp]. Returns aqk [BH, Tp, C] and
+    qg [BH, Tp, K], head-major, in out_dtype."""
     b, tp, h, dk = q.shape
+    c = chunk_size
+    check_power_of_two(interpret, chunk_size=c, K=dk)
+    has_seg = segs is not None
+    bht, isz, osz = b * h * tp, q.dtype.itemsize, jnp.dtype(out_dtype).itemsize
+    return _call(
+        functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", dk, (b * h, tp // c),
+        _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, dk)),
+        [jax.ShapeDtypeStruct((b * h, tp, d), out_dtype) for d in (c, dk)],
+        flops=2 * bht * c * dk, nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (2 * isz * dk + osz * (c + dk)),
+        transcendentals=bht * (c + 1), interpret=interpret,
+    )(q, k, g, beta, *(segs or ()))
+
+
+def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, interpret=False):
+    """k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g, beta, segs as in `local`. Returns
+    T = (I + L)^-1 per chunk [BH, Tp, C] in k's dtype (for the backward), and w, kg
+    [BH, Tp, K] and u [BH, Tp, V], head-major, in out_dtype."""
+    b, tp, h, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
     check_power_of_two(interpret, chunk_size=c, K=dk, V=dv)
     has_seg = segs is not None
-    segs = tuple(segs or ())
-    grid = (b * h, tp // c)
     shape = lambda d, dt=out_dtype: jax.ShapeDtypeStruct((b * h, tp, d), dt)
-    bht, isz, osz = b * h * tp, q.dtype.itemsize, jnp.dtype(out_dtype).itemsize
-    gates = bht * 8 + (12 * b * tp if has_seg else 0)
-
-    aqk, qg, kg = _call(
-        functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", max(dk, dv), grid,
-        _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, dk, dk)),
-        [shape(c), shape(dk), shape(dk)],
-        flops=2 * bht * c * dk, nbytes=gates + bht * (2 * isz * dk + osz * (c + 2 * dk)),
-        transcendentals=bht * (c + 2), interpret=interpret,
-    )(q, k, g, beta, *segs)
+    bht, isz, osz = b * h * tp, k.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     bs = _sub(c)
-    t, w, u = _call(
-        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", max(dk, dv), grid,
-        _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, (c, dk, dv)),
-        [shape(c, q.dtype), shape(dk), shape(dv)],
+    return _call(
+        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", max(dk, dv), (b * h, tp // c),
+        _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, (c, dk, dv, dk)),
+        [shape(c, k.dtype), shape(dk), shape(dv), shape(dk)],
         flops=bht * (2 * c * dk + c * (c + bs) + 2 * c * (dk + dv)),
-        nbytes=gates + bht * (isz * (dk + dv + c) + osz * (dk + dv)), transcendentals=bht * (c + 1),
-        interpret=interpret,
-    )(k, v, g, beta, *segs)
-    return (w, u, qg, aqk, kg), t
+        nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (isz * (dk + dv + c) + osz * (2 * dk + dv)),
+        transcendentals=bht * (c + 2), interpret=interpret,
+    )(k, v, g, beta, *(segs or ()))
+
+
+def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interpret=False):
+    """The op's output o = qg S + aqk v_new per chunk, with qg and aqk formed in the kernel
+    from q, k [B, Tp, H, K] and g [B, Tp, H] (segs as in `local`) instead of read from
+    memory. states: the state entering each chunk [BH, N, K, V]; v_new: [BH, Tp, V] (one
+    dtype, the products' operands). Returns o [B, Tp, H, V] in out_dtype, one program per
+    (batch*head, chunk, block of V columns)."""
+    b, tp, h, dk = q.shape
+    dv = v_new.shape[-1]
+    c = chunk_size
+    bv = gpu.out_block(dv)
+    check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
+    has_seg = segs is not None
+    in_specs = _token_specs(b, h, c, (dk, dk, None), has_seg) + [
+        pl.BlockSpec((None, None, dk, bv), lambda i, j, m: (i, j, 0, m)),
+        pl.BlockSpec((None, c, bv), lambda i, j, m: (i, j, m)),
+    ]
+    bht, isz = b * h * tp, v_new.dtype.itemsize
+    return _call(
+        functools.partial(_out_kernel, scale=scale, has_seg=has_seg), "out", dk, (b * h, tp // c, dv // bv),
+        in_specs, pl.BlockSpec((None, c, None, bv), lambda i, j, m: (i // h, j, i % h, m)),
+        jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype),
+        flops=2 * bht * (c * dk * dv // bv + dv * (dk + c)),
+        nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (2 * q.dtype.itemsize * dk * dv // bv + isz * (dk + 1) * dv
+                                                        + jnp.dtype(out_dtype).itemsize * dv),
+        transcendentals=bht * (c + 1) * dv // bv, interpret=interpret,
+    )(q, k, g, *(segs or ()), states, v_new)
 
 
 def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chunk_size, scale, interpret=False):
-    """Reverse of `prepare_fwd` given its T, w and u: cotangents of w, u, qg, aqk, kg
+    """Reverse of `local` and `wy` given wy's T, w and u: cotangents of w, u, qg, aqk, kg
     ([BH, Tp, ...]) to dq, dk, dv ([B, Tp, H, ...], q's dtype) and dg, dbeta ([B, Tp, H] float32)."""
     b, tp, h, dk = q.shape
     dv = v.shape[-1]
@@ -364,51 +425,119 @@ def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chun
     )(q, k, v, g, beta, *(segs or ()), t, w, u, dw, du, dqg, daqk, dkg)
 
 
+def _dsegs(segs):
+    """Cotangents of segs (the integer index and the masks get none)."""
+    return None if segs is None else tuple(jnp.zeros_like(x) if x.dtype == _F32 else None for x in segs)
+
+
 @functools.lru_cache(maxsize=None)
 def _prepare_op(chunk_size: int, scale: float, out_dtype, interpret: bool):
     """custom_vjp of (q, k, v, g, beta, segs) -> (w, u, qg, aqk, kg), arguments as in
-    `prepare_fwd`; segs (integer index and masks) get no gradient."""
-    kw = dict(chunk_size=chunk_size, scale=scale, interpret=interpret)
+    `local` and `wy`."""
+    kw = dict(chunk_size=chunk_size, interpret=interpret)
+
+    def run(q, k, v, g, beta, segs):
+        aqk, qg = local(q, k, g, beta, segs, scale=scale, out_dtype=out_dtype, **kw)
+        t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=out_dtype, **kw)
+        return (w, u, qg, aqk, kg), t
 
     @jax.custom_vjp
     def op(q, k, v, g, beta, segs):
-        return prepare_fwd(q, k, v, g, beta, segs, out_dtype=out_dtype, **kw)[0]
+        return run(q, k, v, g, beta, segs)[0]
 
     def fwd(q, k, v, g, beta, segs):
-        outs, t = prepare_fwd(q, k, v, g, beta, segs, out_dtype=out_dtype, **kw)
+        outs, t = run(q, k, v, g, beta, segs)
         return outs, (q, k, v, g, beta, segs, t, outs[0], outs[1])
 
     def bwd(res, cts):
-        q, k, v, g, beta, segs = res[:6]
-        dq, dk, dv, dg, dbeta = prepare_bwd(*res, *cts, **kw)
-        dsegs = None if segs is None else tuple(jnp.zeros_like(x) if x.dtype == _F32 else None for x in segs)
-        return dq, dk, dv, dg, dbeta, dsegs
+        return (*prepare_bwd(*res, *cts, scale=scale, **kw), _dsegs(res[5]))
 
     op.defvjp(fwd, bwd)
     return op
 
 
-def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None, interpret=False):
-    """Same contract and result as `xla.prepare` (pads T inside), differentiable in
-    q, k, v, g, beta through the kernels above."""
-    b, t, h, dk = q.shape
-    c = chunk_size
+def _operands(q, k, v, g, beta, segment_ids, c):
+    """Inputs padded to a multiple of c in the kernels' dtypes, the chunk decays
+    exp(G_last) [B, H, N] (0 across a segment start) and the segment masks."""
+    b, t, h, _ = q.shape
     tp = t + (-t) % c
-    n = tp // c
-    od = jnp.dtype(operand_dtype or v.dtype)
     cd = jnp.result_type(q, k, v)
     if cd not in (jnp.bfloat16, jnp.float16, jnp.float32):
         cd = jnp.dtype(_F32)
     q, k, v = (pad_time(x.astype(cd), c) for x in (q, k, v))
     g, beta = (pad_time(x.astype(_F32), c) for x in (g, beta))
-    gsum = jnp.sum(g.reshape(b, n, c, h), axis=2)  # [B, N, H]
-    if segment_ids is None:
-        segs = None
-        decay = jnp.exp(gsum)
-    else:
+    decay = jnp.exp(jnp.sum(g.reshape(b, tp // c, c, h), axis=2))  # [B, N, H]
+    segs = None
+    if segment_ids is not None:
         cs = chunk_segments(segment_ids, t, c)
         segs = (cs.seg, cs.carry_in.reshape(b, tp), cs.carry_out.reshape(b, tp))
-        decay = jnp.exp(gsum) * cs.carry_across[..., None]
+        decay = decay * cs.carry_across[..., None]
+    return q, k, v, g, beta, jnp.moveaxis(decay, 2, 1), segs
+
+
+def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None, interpret=False):
+    """Same contract and result as `xla.prepare` (pads T inside), differentiable in
+    q, k, v, g, beta through the kernels above. (The op itself runs them through
+    `gated_delta_rule`; this is their unit, tested and timed against xla.prepare.)"""
+    b, t, h, _ = q.shape
+    c = chunk_size
+    od = jnp.dtype(operand_dtype or v.dtype)
+    q, k, v, g, beta, decay, segs = _operands(q, k, v, g, beta, segment_ids, c)
+    n = decay.shape[-1]
     outs = _prepare_op(c, float(scale), od, bool(interpret))(q, k, v, g, beta, segs)
-    chunks = lambda x: x.reshape(b, h, n, c, x.shape[-1])
-    return Chunked(*(chunks(x) for x in outs), jnp.moveaxis(decay, 2, 1))
+    return Chunked(*(x.reshape(b, h, n, c, x.shape[-1]) for x in outs), decay)
+
+
+@functools.lru_cache(maxsize=None)
+def _op(chunk_size: int, scale: float, interpret: bool):
+    """custom_vjp of (q, k, v, g, beta, decay, h0, segs) -> (o [B, Tp, H, V], final state
+    [BH, K, V] float32); arguments padded as by `_operands`, decay [BH, N], h0 [BH, K, V]."""
+    kw = dict(chunk_size=chunk_size, interpret=interpret)
+
+    def run(q, k, v, g, beta, decay, h0, segs):
+        t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=v.dtype, **kw)
+        states, v_new, ht = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
+        o = output(q, k, g, segs, states, v_new, scale=scale, out_dtype=v.dtype, **kw)
+        return (o, ht), (t, w, u, kg)
+
+    @jax.custom_vjp
+    def op(q, k, v, g, beta, decay, h0, segs):
+        return run(q, k, v, g, beta, decay, h0, segs)[0]
+
+    def fwd(q, k, v, g, beta, decay, h0, segs):
+        outs, saved = run(q, k, v, g, beta, decay, h0, segs)
+        return outs, (q, k, v, g, beta, decay, h0, segs, *saved)
+
+    def bwd(res, cts):
+        q, k, v, g, beta, decay, h0, segs, t, w, u, kg = res
+        do, dht = cts
+        b, tp, h, dv = do.shape
+        do = jnp.moveaxis(do.astype(w.dtype), 2, 1).reshape(b * h, tp, dv)  # head-major
+        # The states entering each chunk and v_new again (not kept from the forward), and
+        # aqk, qg, which the forward formed inside its output kernel.
+        states, v_new, _ = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
+        aqk, qg = local(q, k, g, beta, segs, scale=scale, out_dtype=w.dtype, **kw)
+        dstates, dv_new, dh0 = gpu.recurrence_bwd(w, qg, aqk, kg, decay, do, dht.astype(_F32), **kw)
+        dqg, daqk, dkg, dw, ddecay = gpu.recurrence_grads(do, states, v_new, dstates, dv_new, **kw)
+        grads = prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, dv_new, dqg, daqk, dkg, scale=scale, **kw)
+        return (*grads[:3], *grads[3:], ddecay.astype(decay.dtype), dh0, _dsegs(segs))
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+def gated_delta_rule(q, k, v, g, beta, h0, *, scale, segment_ids, chunk_size, interpret=False):
+    """The whole op on GPU, head dims up to MAX_WIDTH: q, k [B, T, H, K], v [B, T, H, V],
+    g, beta [B, T, H], h0 [B, H, K, V] float32 or None. Returns o [B, T, H, V] in v's
+    dtype (the kernels' operand dtype) and the final state [B, H, K, V] float32.
+
+    Forward: `wy` (T, w, u, kg), the state walk (`gpu.recurrence_states`), `output`.
+    Backward: the walk again, `local` (aqk, qg), the reverse walk and the recurrence's
+    parallel gradients (gpu.py), then `prepare_bwd`. The chunk decays stay in XLA."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    q, k, v, g, beta, decay, segs = _operands(q, k, v, g, beta, segment_ids, c)
+    h0 = jnp.zeros((b * h, dk, dv), _F32) if h0 is None else h0.astype(_F32).reshape(b * h, dk, dv)
+    o, ht = _op(c, float(scale), bool(interpret))(q, k, v, g, beta, decay.reshape(b * h, -1), h0, segs)
+    return o[:, :t], ht.reshape(b, h, dk, dv)

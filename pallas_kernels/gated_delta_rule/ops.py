@@ -99,10 +99,10 @@ def chunk_gated_delta_rule_pallas(
     if scale is None:
         scale = dk**-0.5
     if prepare_impl == "pallas":
-        x = gpu_prepare.prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
-                                interpret=interpret)
-    else:
-        x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+        o, ht = gpu_prepare.gated_delta_rule(q, k, v, g, beta, initial_state, scale=scale, segment_ids=segment_ids,
+                                             chunk_size=chunk_size, interpret=interpret)
+        return o.astype(v.dtype), (ht if output_final_state else None)
+    x = prepare(q, k, v, g, beta, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
     n = x.decay.shape[-1]
     flat = lambda a: a.reshape((b * h, n * chunk_size, a.shape[-1]))
     h0 = (
