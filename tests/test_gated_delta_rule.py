@@ -220,6 +220,21 @@ class TestPallasInterpret:
         """The whole op with the chunk-local part in the gpu_prepare kernels."""
         self._check("gpu", t, chunk, use_h0, use_seg, prepare_impls=("pallas",))
 
+    def test_pallas_prepare_forward_alone(self):
+        """Called outside autodiff, the op takes its primal path (no T kept for a backward):
+        output and final state against the float64 reference."""
+        x = make_inputs(5, 1, 77, 2, 32, 16, dtype=jnp.bfloat16)
+        fn = functools.partial(chunk_gated_delta_rule_pallas, chunk_size=32, interpret=self.INTERPRET,
+                               backend="gpu", prepare_impl="pallas")
+        args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+        o, s = jax.jit(lambda *a: fn(*a, initial_state=x["h0"], output_final_state=True, segment_ids=x["seg"]))(*args)
+        with jax.enable_x64(True):
+            want_o, want_s = fused_recurrent_gated_delta_rule(
+                *(a.astype(jnp.float64) for a in args), initial_state=x["h0"].astype(jnp.float64),
+                output_final_state=True, segment_ids=x["seg"])
+        errors = {"o": rel_rms(o.astype(jnp.float32), want_o), "final_state": rel_rms(s, want_s)}
+        assert all(np.isfinite(e) and e <= TOL[jnp.bfloat16] for e in errors.values()), errors
+
 
 @pytest.mark.gpu
 class TestPallasGPU(TestPallasInterpret):

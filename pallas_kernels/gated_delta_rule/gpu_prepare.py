@@ -162,17 +162,19 @@ def _inv_unit_lower(l_mat, mm):
     return t
 
 
-def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
+def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg, keep_t):
     """L, T = (I + L)^-1, w and u of one chunk in bs-row blocks, each block a register
     tile of its own (Triton cannot slice one): the blocks of L from K K^T of key blocks
     read straight from k_ref, the diagonal blocks of T by `_inv_unit_lower`, the rest by
     doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], then w
     and u from T's blocks. The doubling's dots are exact float32 when T is stored in
     float32, TF32 when it is stored in a 16-bit dtype (their rounding is below T's own)."""
-    seg_refs, (t_ref, w_ref, u_ref, kg_ref) = _split(refs, has_seg)
+    seg_refs, outs = _split(refs, has_seg)
+    t_ref, (w_ref, u_ref, kg_ref) = (outs[0], outs[1:]) if keep_t else (None, outs)
+    cd = k_ref.dtype  # T's dtype: the operand dtype of its products
     nb = k_ref.shape[0] // bs
     rows = lambda a: pl.ds(a * bs, bs)
-    precision = jax.lax.Precision.HIGHEST if t_ref.dtype == _F32 else jax.lax.Precision.DEFAULT
+    precision = jax.lax.Precision.HIGHEST if cd == _F32 else jax.lax.Precision.DEFAULT
     mm = functools.partial(_mm, precision=precision)
     r, col = _iota((bs, bs), 0), _iota((bs, bs), 1)
     gcum, beta, k, seg = [], [], [], []
@@ -205,11 +207,11 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg):
                 for j in top:
                     t[i, j] = -sum(mm(t[i, m], ax[m, j]) for m in bot if m <= i)
         h *= 2
-    cd = t_ref.dtype
     t = {key: x.astype(cd) for key, x in t.items()}
-    for a in range(nb):
-        for b in range(nb):
-            t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
+    if keep_t:
+        for a in range(nb):
+            for b in range(nb):
+                t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
     # Right-hand sides beta e^G carry_in k and beta v, from key rows read again (after the
     # stores above, so not merged with the first reads): the first ones are dead by now.
     rw, ru = [], []
@@ -353,10 +355,11 @@ def local(q, k, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False)
     )(q, k, g, beta, *(segs or ()))
 
 
-def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, interpret=False):
+def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=False):
     """k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g, beta, segs as in `local`. Returns
-    T = (I + L)^-1 per chunk [BH, Tp, C] in k's dtype (for the backward), and w, kg
-    [BH, Tp, K] and u [BH, Tp, V], head-major, in out_dtype."""
+    T = (I + L)^-1 per chunk [BH, Tp, C] in k's dtype (for the backward; None without
+    keep_t, which saves its writes), and w, kg [BH, Tp, K] and u [BH, Tp, V], head-major,
+    in out_dtype."""
     b, tp, h, dk = k.shape
     dv = v.shape[-1]
     c = chunk_size
@@ -365,14 +368,16 @@ def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, interpret=False):
     shape = lambda d, dt=out_dtype: jax.ShapeDtypeStruct((b * h, tp, d), dt)
     bht, isz, osz = b * h * tp, k.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     bs = _sub(c)
-    return _call(
-        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg), "wy", max(dk, dv), (b * h, tp // c),
-        _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, (c, dk, dv, dk)),
-        [shape(c, k.dtype), shape(dk), shape(dv), shape(dk)],
+    dims = (c, dk, dv, dk) if keep_t else (dk, dv, dk)
+    outs = _call(
+        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg, keep_t=keep_t), "wy", max(dk, dv), (b * h, tp // c),
+        _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, dims),
+        [shape(c, k.dtype)] * keep_t + [shape(dk), shape(dv), shape(dk)],
         flops=bht * (2 * c * dk + c * (c + bs) + 2 * c * (dk + dv)),
-        nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (isz * (dk + dv + c) + osz * (2 * dk + dv)),
+        nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (isz * (dk + dv + c * keep_t) + osz * (2 * dk + dv)),
         transcendentals=bht * (c + 2), interpret=interpret,
     )(k, v, g, beta, *(segs or ()))
+    return outs if keep_t else (None, *outs)
 
 
 def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interpret=False):
@@ -494,15 +499,15 @@ def _op(chunk_size: int, scale: float, interpret: bool):
     [BH, K, V] float32); arguments padded as by `_operands`, decay [BH, N], h0 [BH, K, V]."""
     kw = dict(chunk_size=chunk_size, interpret=interpret)
 
-    def run(q, k, v, g, beta, decay, h0, segs):
-        t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=v.dtype, **kw)
+    def run(q, k, v, g, beta, decay, h0, segs, keep_t=True):
+        t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=v.dtype, keep_t=keep_t, **kw)
         states, v_new, ht = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
         o = output(q, k, g, segs, states, v_new, scale=scale, out_dtype=v.dtype, **kw)
         return (o, ht), (t, w, u, kg)
 
     @jax.custom_vjp
     def op(q, k, v, g, beta, decay, h0, segs):
-        return run(q, k, v, g, beta, decay, h0, segs)[0]
+        return run(q, k, v, g, beta, decay, h0, segs, keep_t=False)[0]  # no gradient: T is not needed
 
     def fwd(q, k, v, g, beta, decay, h0, segs):
         outs, saved = run(q, k, v, g, beta, decay, h0, segs)
