@@ -10,7 +10,10 @@ come after, in a kernel with one program per chunk. Both walks (forward and reve
 load the next chunk's tiles while the current chunk's products run. The backward's
 gradients that need no walk (dqg, dAqk, dkg, dw, ddecay) come from one parallel
 kernel, `recurrence_grads`. The chunk-local
-matrices (w, u, qg, Aqk, kg, decay) come from `gpu_prepare` (or `xla.prepare`). Inputs here are flattened head-major: [BH, Tp, D], Tp = N * C.
+matrices (w, u, qg, Aqk, kg, decay) come from `xla.prepare`; on the op's `gpu_prepare`
+path the walk's come from `gpu_prepare.wy` and the outputs from `gpu_prepare`'s own
+kernel (`gdn_chunk_out` is then not used). Inputs here are flattened head-major:
+[BH, Tp, D], Tp = N * C.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
 on register tiles, which Triton schedules well and which runs unchanged in

@@ -1,25 +1,35 @@
-"""Pallas GPU kernels (Triton lowering) for the chunk-local part of the chunked gated
-delta rule: what `xla.prepare` computes, and its reverse. Every kernel runs one program
-per (batch*head, chunk) and reads its chunk of q, k, v, g, beta straight from the
-[B, Tp, H, D] layout (a strided block, no transpose in XLA).
+"""Pallas GPU kernels (Triton lowering) for the chunk-parallel part of the chunked gated
+delta rule, and the whole op on GPU (`gated_delta_rule`) built from them and from the
+state walks of gpu.py. Every kernel runs one program per (batch*head, chunk[, V block])
+and reads its chunk of q, k, v, g, beta straight from the [B, Tp, H, D] layout (a
+strided block, no transpose in XLA).
 
-The forward is two kernels:
+    wy     L = beta K K^T . exp(G_i - G_j) (strictly lower, same segment), G = cumsum g,
+           T = (I + L)^-1,  w = T (beta e^G carry_in k),  u = T (beta v),
+           kg = e^(G_last - G) carry_out k
+    out    o = qg S + aqk v_new from the state S entering the chunk and v_new (the walk's),
+           forming aqk and qg here from q, k and g rather than reading them
+    local  aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment),  qg = scale e^G q
+           (the backward's operands; the forward forms them inside `out`)
+    bwd    the reverse of local and wy
 
-    local  G = cumsum g,  aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment),
-           qg = scale e^G q,  kg = e^(G_last - G) k
-    wy     L = beta K K^T . exp(G_i - G_j) (strictly lower, same segment),
-           T = (I + L)^-1,  w = T (beta e^G k),  u = T (beta v)
+The op's forward is wy, the walk (gpu.recurrence_states), out: three launches, and
+aqk, qg never go through memory. Outside autodiff wy skips T, which only the backward
+reads. The backward walks again, runs local, the reverse walk and the recurrence's
+parallel gradients (gpu.py), then bwd. `prepare` (local and wy behind their own VJP, the
+contract of `xla.prepare`) is the unit the tests and benchmarks hold against xla.prepare.
 
 The wy kernel holds L and T as 16 x 16 register tiles, one per block (Triton cannot
 slice a register tile, so each block of L is its own K_a K_b^T product of key rows read
-from memory): the diagonal blocks of T by forward substitution in float32, the rest by
-doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]]. T is stored
-in the inputs' dtype, the operand dtype of the products with it; the doubling's dots
-are exact for float32 inputs and TF32 for 16-bit ones, whose T is rounded coarser still.
-L never goes through memory. The other products run on whole tiles in the inputs'
-dtype, so bf16 inputs use the tensor cores with float32 accumulation.
+from memory). It inverts the diagonal blocks by doubling inside the tile, masking L to
+the pairs each level joins (`_inv_unit_lower`), then doubles over blocks,
+[[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]]. T is stored in the inputs' dtype,
+the operand dtype of the products with it; the inversion's dots are exact for float32
+inputs and TF32 for 16-bit ones, whose T is rounded coarser still. L never goes through
+memory. The other products run on whole tiles in the inputs' dtype, so bf16 inputs use
+the tensor cores with float32 accumulation.
 
-The backward is one kernel on whole tiles. It takes T, w and u from the forward, and
+The backward kernel works on whole tiles. It takes T, w and u from the forward, and
 forms dq, dk, dv, dg, dbeta from the cotangents of w, u, qg, aqk, kg:
 
     dR = T^T dW    (W = T R, for w and u)
@@ -167,8 +177,8 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg, keep_t):
     tile of its own (Triton cannot slice one): the blocks of L from K K^T of key blocks
     read straight from k_ref, the diagonal blocks of T by `_inv_unit_lower`, the rest by
     doubling over blocks, [[X, 0], [A, Y]]^-1 = [[X^-1, 0], [-Y^-1 A X^-1, Y^-1]], then w
-    and u from T's blocks. The doubling's dots are exact float32 when T is stored in
-    float32, TF32 when it is stored in a 16-bit dtype (their rounding is below T's own)."""
+    and u from T's blocks, and kg. The inversion's dots are exact float32 for float32
+    inputs, TF32 for 16-bit ones (their rounding is below that of T in that dtype)."""
     seg_refs, outs = _split(refs, has_seg)
     t_ref, (w_ref, u_ref, kg_ref) = (outs[0], outs[1:]) if keep_t else (None, outs)
     cd = k_ref.dtype  # T's dtype: the operand dtype of its products

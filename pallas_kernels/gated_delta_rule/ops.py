@@ -5,16 +5,15 @@ impl="reference" runs the per-step scan, "xla" the chunked pure-JAX form
 inter-chunk recurrence in a Pallas kernel (Triton on GPU, Mosaic on TPU; interpret
 mode on CPU), "auto" picks "pallas" on GPU/TPU and "xla" on CPU.
 
-In the Pallas form the sequential recurrence is a kernel with a custom VJP. The
-chunk-local part before it (w, u, qg, Aqk, kg per chunk) runs on GPU in the
-`gpu_prepare` kernels (forward, and a backward from the forward's T, w and u) for head
-dims up to `gpu_prepare.MAX_WIDTH`; on TPU, for wider heads and with
-`prepare_impl="xla"`, it is plain JAX (`xla.prepare`, differentiated by
-autodiff except for its triangular solve, whose VJP is closed form). The backward pass of the recurrence does
-not keep the per-chunk states from the forward pass: it recomputes them with the
-forward kernel, walks the chunks backwards in the backward kernel, and then forms the
-remaining gradients for all chunks at once (`recurrence_grads`: one GPU kernel, or
-batched XLA products on TPU).
+In the Pallas form on GPU, for head dims up to `gpu_prepare.MAX_WIDTH`, the whole op is
+one custom VJP over the `gpu_prepare` kernels and the state walks of gpu.py
+(`gpu_prepare.gated_delta_rule`). Otherwise (TPU, wider heads, `prepare_impl="xla"`) the
+chunk-local part (w, u, qg, Aqk, kg per chunk) is plain JAX (`xla.prepare`,
+differentiated by autodiff except for its triangular solve, whose VJP is closed form) and
+the sequential recurrence is a kernel with its own custom VJP (`_recurrence`). Neither
+backward keeps the per-chunk states from the forward pass: it recomputes them with the
+forward walk, walks the chunks backwards, and then forms the remaining gradients for
+all chunks at once (`recurrence_grads`: one GPU kernel, or batched XLA products on TPU).
 """
 
 from __future__ import annotations
