@@ -222,8 +222,8 @@ def _wy_kernel(k_ref, v_ref, g_ref, beta_ref, *refs, bs, has_seg, keep_t):
         for a in range(nb):
             for b in range(nb):
                 t_ref[rows(a), rows(b)] = t[a, b] if b <= a else jnp.zeros((bs, bs), cd)
-    # Right-hand sides beta e^G carry_in k and beta v, from key rows read again (after the
-    # stores above, so not merged with the first reads): the first ones are dead by now.
+    # Right-hand sides beta e^G carry_in k and beta v, and kg, from key rows read again
+    # rather than held since L.
     rw, ru = [], []
     for a in range(nb):
         scale_w = beta[a] * jnp.exp(gcum[a])
@@ -535,7 +535,7 @@ def _op(chunk_size: int, scale: float, interpret: bool):
         dstates, dv_new, dh0 = gpu.recurrence_bwd(w, qg, aqk, kg, decay, do, dht.astype(_F32), **kw)
         dqg, daqk, dkg, dw, ddecay = gpu.recurrence_grads(do, states, v_new, dstates, dv_new, **kw)
         grads = prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, dv_new, dqg, daqk, dkg, scale=scale, **kw)
-        return (*grads[:3], *grads[3:], ddecay.astype(decay.dtype), dh0, _dsegs(segs))
+        return (*grads, ddecay.astype(decay.dtype), dh0, _dsegs(segs))
 
     op.defvjp(fwd, bwd)
     return op
