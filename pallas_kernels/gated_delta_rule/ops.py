@@ -78,10 +78,11 @@ def chunk_gated_delta_rule_pallas(
     chunk_size=64, interpret=None, backend=None, prepare_impl=None,
 ):
     """The Pallas form. backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the
-    running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: the
-    chunk-local part in the `gpu_prepare` kernels ("pallas", GPU backend only) or in XLA
-    ("xla"); None picks "pallas" on the GPU backend for K, V <= gpu_prepare.MAX_WIDTH,
-    else "xla"."""
+    running platform's, and the GPU kernel in interpret mode on CPU. prepare_impl: "pallas"
+    (GPU backend only) runs the whole op in the `gpu_prepare` kernels and the state walks
+    (`gpu_prepare.gated_delta_rule`); "xla" runs the chunk-local part in XLA, then the
+    recurrence kernels. None picks "pallas" on the GPU backend for K, V <=
+    gpu_prepare.MAX_WIDTH, else "xla"."""
     check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
     interpret = default_interpret(interpret)
     if backend is None:
