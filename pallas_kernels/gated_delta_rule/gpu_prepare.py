@@ -131,9 +131,9 @@ def _scale_rows(x, s, dtype):
     return (s[:, None] * x.astype(_F32)).astype(dtype)
 
 
-def _local_kernel(q_ref, k_ref, g_ref, beta_ref, *refs, scale, has_seg):
+def _local_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
     seg_refs, (aqk_ref, qg_ref) = _split(refs, has_seg)
-    gt = _Gates(g_ref, beta_ref, seg_refs)
+    gt = _Gates(g_ref, None, seg_refs)
     aqk, qg = _local_tiles(gt, q_ref[...], k_ref[...], scale, aqk_ref.dtype)
     aqk_ref[...] = aqk
     qg_ref[...] = qg.astype(qg_ref.dtype)
@@ -343,12 +343,13 @@ def _sub(c):
     return SUB if c % SUB == 0 else c
 
 
-def _gate_bytes(b, h, tp, has_seg):
-    return b * h * tp * 8 + (12 * b * tp if has_seg else 0)
+def _gate_bytes(b, h, tp, has_seg, gates=2):
+    """Bytes read of `gates` float32 [B, Tp, H] gates (g, beta) and the segment masks."""
+    return b * h * tp * 4 * gates + (12 * b * tp if has_seg else 0)
 
 
-def local(q, k, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False):
-    """q, k: [B, Tp, H, K]; g, beta: [B, Tp, H] float32; segs: None or (segment index int32,
+def local(q, k, g, segs, *, chunk_size, scale, out_dtype, interpret=False):
+    """q, k: [B, Tp, H, K]; g: [B, Tp, H] float32; segs: None or (segment index int32,
     carry_in float32, carry_out float32), each [B, Tp]. Returns aqk [BH, Tp, C] and
     qg [BH, Tp, K], head-major, in out_dtype."""
     b, tp, h, dk = q.shape
@@ -358,15 +359,16 @@ def local(q, k, g, beta, segs, *, chunk_size, scale, out_dtype, interpret=False)
     bht, isz, osz = b * h * tp, q.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     return _call(
         functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", dk, (b * h, tp // c),
-        _token_specs(b, h, c, (dk, dk, None, None), has_seg), _chunk_specs(c, (c, dk)),
+        _token_specs(b, h, c, (dk, dk, None), has_seg), _chunk_specs(c, (c, dk)),
         [jax.ShapeDtypeStruct((b * h, tp, d), out_dtype) for d in (c, dk)],
-        flops=2 * bht * c * dk, nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (2 * isz * dk + osz * (c + dk)),
+        flops=2 * bht * c * dk, nbytes=_gate_bytes(b, h, tp, has_seg, 1) + bht * (2 * isz * dk + osz * (c + dk)),
         transcendentals=bht * (c + 1), interpret=interpret,
-    )(q, k, g, beta, *(segs or ()))
+    )(q, k, g, *(segs or ()))
 
 
 def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=False):
-    """k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g, beta, segs as in `local`. Returns
+    """k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g and beta [B, Tp, H] float32; segs
+    as in `local`. Returns
     T = (I + L)^-1 per chunk [BH, Tp, C] in k's dtype (for the backward; None without
     keep_t, which saves its writes), and w, kg [BH, Tp, K] and u [BH, Tp, V], head-major,
     in out_dtype."""
@@ -412,7 +414,7 @@ def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interp
         in_specs, pl.BlockSpec((None, c, None, bv), lambda i, j, m: (i // h, j, i % h, m)),
         jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype),
         flops=2 * bht * (c * dk * dv // bv + dv * (dk + c)),
-        nbytes=_gate_bytes(b, h, tp, has_seg) + bht * (2 * q.dtype.itemsize * dk * dv // bv + isz * (dk + 1) * dv
+        nbytes=_gate_bytes(b, h, tp, has_seg, 1) + bht * (2 * q.dtype.itemsize * dk * dv // bv + isz * (dk + 1) * dv
                                                         + jnp.dtype(out_dtype).itemsize * dv),
         transcendentals=bht * (c + 1) * dv // bv, interpret=interpret,
     )(q, k, g, *(segs or ()), states, v_new)
@@ -452,7 +454,7 @@ def _prepare_op(chunk_size: int, scale: float, out_dtype, interpret: bool):
     kw = dict(chunk_size=chunk_size, interpret=interpret)
 
     def run(q, k, v, g, beta, segs):
-        aqk, qg = local(q, k, g, beta, segs, scale=scale, out_dtype=out_dtype, **kw)
+        aqk, qg = local(q, k, g, segs, scale=scale, out_dtype=out_dtype, **kw)
         t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=out_dtype, **kw)
         return (w, u, qg, aqk, kg), t
 
@@ -531,7 +533,7 @@ def _op(chunk_size: int, scale: float, interpret: bool):
         # The states entering each chunk and v_new again (not kept from the forward), and
         # aqk, qg, which the forward formed inside its output kernel.
         states, v_new, _ = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
-        aqk, qg = local(q, k, g, beta, segs, scale=scale, out_dtype=w.dtype, **kw)
+        aqk, qg = local(q, k, g, segs, scale=scale, out_dtype=w.dtype, **kw)
         dstates, dv_new, dh0 = gpu.recurrence_bwd(w, qg, aqk, kg, decay, do, dht.astype(_F32), **kw)
         dqg, daqk, dkg, dw, ddecay = gpu.recurrence_grads(do, states, v_new, dstates, dv_new, **kw)
         grads = prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, dv_new, dqg, daqk, dkg, scale=scale, **kw)
