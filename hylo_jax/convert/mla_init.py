@@ -1,6 +1,6 @@
 """Initialise an MLA layer from a teacher's attention layer by truncated SVD.
 
-Recipe (HyLo / Zebra-Llama; DESIGN.md "Recipe facts"):
+Recipe (HyLo / Zebra-Llama; docs/DESIGN.md "Recipe facts"):
   * Query: SVD W_Q = U S V^T, q_a = diag(S_r) V_r^T, q_b = U_r (or W_Q as is when
     q_lora_rank == 0).
   * Keys/values: one joint SVD of the stacked per-query-head [W_K(nope dims); W_V]
