@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.student.layer_types = ""  # comma-separated per layer: attention|mla|mamba2|gdn (wins over mla_layers)
     # MLA layers: a preset ("hylo" = 1,5,9,... | llama32_1b | llama32_3b | qwen3_1p7b),
     # "auto" (the num_mla_layers most sensitive layers on calibration text) or "1,5,9".
-    # "auto" measured best on SmolLM2 (held-out ppl before training 11.5k vs 76k for "hylo").
+    # "auto" against "hylo" on SmolLM2: BENCHMARKS.md "Upcycling".
     config.student.mla_layers = "auto"
     config.student.num_mla_layers = 8  # "auto" only
     config.student.mixer = "gdn"  # every other layer: gdn | mamba2 | mla | attention
@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.student.qk_rope_head_dim = 32
     config.student.rope_per_kv_head = False
     config.student.rope_pairs = ""  # comma list of rotary pairs; "" = chosen by rope_pair_criterion
-    config.student.rope_pair_criterion = "lowest"  # lowest | k_energy (measured worse, see mla_init)
+    config.student.rope_pair_criterion = "lowest"  # lowest | k_energy (BENCHMARKS.md "Upcycling")
     config.student.seed = 0
     # "auto" layer selection: calibration text (train split of hylo_jax.eval.corpus).
     config.student.calibration_corpus = "pydoc_topics"

@@ -1,5 +1,5 @@
 """Llama-3.2-1B -> 4 MLA (layers 1, 5, 10, 14) + 12 GDN, HyLo's published sizes
-(q_lora 1344, kv_lora 128, qk_rope 32, qk_nope 32, v_head 64; DESIGN.md recipe facts).
+(q_lora 1344, kv_lora 128, qk_rope 32, qk_nope 32, v_head 64; docs/DESIGN.md "Recipe facts").
 
   python -m hylo_jax.convert --config=configs/hylo_llama32_1b.py --config.source=/path/to/Llama-3.2-1B
 """

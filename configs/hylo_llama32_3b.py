@@ -1,5 +1,5 @@
 """Llama-3.2-3B -> 6 MLA (layers 0, 5, 10, 16, 21, 26) + 22 GDN, HyLo's published sizes
-(q_lora 1536, kv_lora 128, qk_rope 64, qk_nope 64, v_head 128; DESIGN.md recipe facts).
+(q_lora 1536, kv_lora 128, qk_rope 64, qk_nope 64, v_head 128; docs/DESIGN.md "Recipe facts").
 
   python -m hylo_jax.convert --config=configs/hylo_llama32_3b.py --config.source=/path/to/Llama-3.2-3B
 """

@@ -1,5 +1,5 @@
 """Qwen3-1.7B -> 7 MLA (layers 1, 5, 9, ..., 25) + 21 GDN, HyLo's published sizes
-(q_lora 1344, kv_lora 256, qk_rope 64, qk_nope 64, v_head 128; DESIGN.md recipe facts).
+(q_lora 1344, kv_lora 256, qk_rope 64, qk_nope 64, v_head 128; docs/DESIGN.md "Recipe facts").
 
 Qwen3's per-head q_norm/k_norm cannot pass through the MLA latent: their weights are
 folded into the projections and the normalisation is dropped (see mla_init), so this

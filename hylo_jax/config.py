@@ -72,7 +72,7 @@ class Mamba2Config:
     n_groups: int
     state_size: int
     conv_kernel: int = 4
-    # 128: the fastest training chunk of the GPU SSD kernels (BENCHMARKS.md "Kernels: SSD").
+    # 128: the chunk with the fastest fwd+bwd of the GPU SSD kernels in BENCHMARKS.md "Kernels: SSD".
     chunk_size: int = 128
     norm_eps: float = 1e-5
 

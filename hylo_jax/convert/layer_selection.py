@@ -3,7 +3,7 @@
 Three ways to say it:
   * an explicit list of layer indices;
   * a named preset: "hylo" (1:3 spacing, layers 1, 5, 9, ...) or the lists published
-    with HyLo for Llama-3.2-1B, Llama-3.2-3B and Qwen3-1.7B (DESIGN.md recipe facts);
+    with HyLo for Llama-3.2-1B, Llama-3.2-3B and Qwen3-1.7B (docs/DESIGN.md "Recipe facts");
   * "auto": on calibration text, convert one layer at a time to the target linear
     mixer (with its upcycling init, all other layers the teacher's) and measure how
     much the loss rises; the layers where it rises most stay MLA ("where the base

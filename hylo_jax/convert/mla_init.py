@@ -1,6 +1,6 @@
 """Initialise an MLA layer from a teacher's attention layer by truncated SVD.
 
-Recipe (HyLo / Zebra-Llama; DESIGN.md "Recipe facts"):
+Recipe (HyLo / Zebra-Llama; docs/DESIGN.md "Recipe facts"):
   * Query: SVD W_Q = U S V^T, q_a = diag(S_r) V_r^T, q_b = U_r (or W_Q as is when
     q_lora_rank == 0).
   * Keys/values: one joint SVD of the stacked per-query-head [W_K(nope dims); W_V]
@@ -76,11 +76,11 @@ def choose_rope_pairs(
     "lowest": pairs 0..n_pairs-1 (the highest frequencies);
     "k_energy": the pairs that carry the most teacher key energy (rope_pair_energy).
 
-    Measured on SmolLM2-135M (8 MLA layers of 30, kv_lora_rank 96, 16 of 32 pairs, other
-    layers kept as attention; held-out pydoc_topics perplexity, teacher 12.92):
-    "lowest" 52.2, "k_energy" 114.9. The key energy sits in the low-frequency pairs,
-    which barely rotate over a few thousand positions and so lose little as nope dims;
-    the high-frequency pairs carry the positional signal. Hence "lowest" is the default.
+    On SmolLM2-135M "lowest" gives the lower held-out perplexity (BENCHMARKS.md
+    "Upcycling", "Which rotary pairs MLA keeps"). The key energy sits in the
+    low-frequency pairs, which barely rotate over a few thousand positions and so lose
+    little as nope dims; the high-frequency pairs carry the positional signal. Hence
+    "lowest" is the default.
     """
     half = config.head_dim // 2
     if not 0 < n_pairs <= half:

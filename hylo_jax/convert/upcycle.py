@@ -1,4 +1,4 @@
-"""Upcycle a Transformer teacher into a hybrid student (the `upcycle` arrow of DESIGN.md).
+"""Upcycle a Transformer teacher into a hybrid student (the `upcycle` arrow of docs/DESIGN.md).
 
     student, report = upcycle(teacher, student_config)
 

@@ -121,7 +121,7 @@ def chunk_gated_delta_rule(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
     chunk_size=64, interpret=None, impl="auto",
 ):
-    """Gated delta rule over a whole sequence (contract: DESIGN.md "Interfaces", docs/ARCHITECTURE.md).
+    """Gated delta rule over a whole sequence (contract: docs/DESIGN.md "Interfaces", docs/ARCHITECTURE.md).
 
     q, k: [B,T,H,K]; v: [B,T,H,V]; g: [B,T,H] log-decay (<= 0); beta: [B,T,H];
     initial_state: [B,H,K,V]; segment_ids: [B,T] (state restarts where it changes).

@@ -257,7 +257,7 @@ def ssd_pallas(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
 
 def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
         output_final_state=False, segment_ids=None, chunk_size=64, interpret=None, impl="auto"):
-    """SSD (Mamba2) scan. See DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
+    """SSD (Mamba2) scan. See docs/DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
 
     impl "auto": the fastest measured form for the platform: the chunk-parallel Pallas
     kernels on GPU (BENCHMARKS.md "Kernels: SSD": on an H100 at T = 8K-16K, 2.8-9x
