@@ -423,16 +423,12 @@ def test_block_sizes_reach_the_gpu_kernels():
     assert grids == {("2", "2")}  # (B * H, V / walk_block_v)
 
 
-def test_triton_resources_tool_keeps_every_gpu_kernel():
-    """tools/triton_resources.py (registers and spills of each kernel, compiled offline) gets
-    every GDN GPU kernel's Triton IR and launch parameters out of the Pallas lowering."""
-    import importlib.util
-    import pathlib
+def test_resources_tool_keeps_every_gpu_kernel():
+    """`python -m tools.bench resources` (registers and spills of each kernel, compiled
+    offline) gets every GDN GPU kernel's Triton IR and launch parameters out of the Pallas
+    lowering."""
+    from tools.bench import resources as tool
 
-    path = pathlib.Path(__file__).parents[1] / "tools" / "triton_resources.py"
-    spec = importlib.util.spec_from_file_location("triton_resources", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     kernels = tool.lowered_kernels("gdn", 64, 64, jnp.bfloat16)
     assert sorted(kernels) == sorted(GPU_KERNELS)
     for name, (ir, warps, stages) in kernels.items():
