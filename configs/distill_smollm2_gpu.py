@@ -2,7 +2,7 @@
 (from `python -m hylo_jax.convert`), stage 1 alignment, stage 2 KL at 2K, then a
 long-context KL stage at 8K (the teacher's trained length) with YaRN x4 on the MLA
 layers (aimed at 32K), on CPython stdlib sources (real text on the machine).
-Only the differences from configs/distill.py. Run by tools/distill_smollm2_gpu.sh,
+Only the differences from configs/distill.py. Run by tools/gpu/distill_smollm2.sh,
 which may split it over several calls (a pre-empted run resumes from its checkpoint).
 """
 

@@ -2,9 +2,8 @@
 
 Padding the time axis to a multiple of the chunk, turning per-token segment ids
 into a monotone segment index (so "same segment" is a plain equality even when a
-document id comes back later in the row) and its per-chunk masks, the relative-RMS
-error used by the tests and benchmarks, and the choice between interpret mode and
-compiled kernels.
+document id comes back later in the row) and its per-chunk masks, and the choice
+between interpret mode and compiled kernels.
 """
 
 from __future__ import annotations
@@ -78,21 +77,6 @@ def chunk_segments(segment_ids, t, chunk_size) -> ChunkSegments:
         (seg_c == seg_c[..., -1:]).astype(jnp.float32),
         (seg_c[..., -1] == seg_prev).astype(jnp.float32),
     )
-
-
-def rel_rms(x, ref) -> float:
-    """||x - ref|| / ||ref|| in float64 on the host (0 when both are zero)."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if x.shape != ref.shape:
-        raise ValueError(f"shape mismatch: {x.shape} vs reference {ref.shape}")
-    num = np.sqrt(np.mean((x - ref) ** 2))
-    den = np.sqrt(np.mean(ref**2))
-    if den == 0.0:
-        return float(num)
-    return float(num / den)
 
 
 def default_interpret(interpret: bool | None) -> bool:

@@ -1,4 +1,5 @@
-"""Tests marked `gpu` (or `tpu`) skip themselves where JAX sees no such device."""
+"""Tests marked `gpu` (or `tpu`) skip themselves where JAX sees no such device; the `x64`
+fixture turns on float64 for the tests that compute a float64 reference."""
 
 import jax
 import pytest
@@ -19,3 +20,10 @@ def pytest_collection_modifyitems(config, items):
             skip = pytest.mark.skip(reason=f"needs a {platform.upper()} (JAX sees none)")
             for item in marked:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def x64():
+    """Float64 for the ground-truth references, only inside the tests that ask for it."""
+    with jax.enable_x64(True):
+        yield

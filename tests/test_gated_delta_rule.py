@@ -1,35 +1,30 @@
 """Gated delta rule: reference vs an independent float64 loop, chunked XLA form and
 Pallas kernels (interpret mode on CPU, compiled on GPU) vs the float64 reference in
-output, final state and every gradient; the chunk-local GPU kernels (gpu_prepare) vs
+output, final state and every gradient; the chunk-local GPU kernels (gpu_chunk_local) vs
 xla.prepare and its autodiff VJP; Mosaic TPU and Triton lowering checked on CPU."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._common import rel_rms
+from kernel_utils import launch_params, rel_rms
 from pallas_kernels.gated_delta_rule import (
+    BlockSizes,
     chunk_gated_delta_rule,
     chunk_gated_delta_rule_pallas,
     fused_recurrent_gated_delta_rule,
     gated_delta_rule_step,
 )
-from pallas_kernels.gated_delta_rule import gpu_prepare
+from pallas_kernels.gated_delta_rule import gpu_chunk_local
 from pallas_kernels.gated_delta_rule.xla import prepare as xla_prepare
 
 TOL = {jnp.float32: 5e-3, jnp.bfloat16: 2e-2}
-
-
-@pytest.fixture
-def x64():
-    """Float64 for the ground-truth reference, only inside the tests that ask for it."""
-    with jax.enable_x64(True):
-        yield
 
 
 def make_inputs(seed, b, t, h, dk, dv, dtype=jnp.float32, n_segments_hint=0.05):
@@ -181,11 +176,13 @@ def test_bad_inputs_raise_clear_errors():
 
 # ---------------------------------------------------------------- Pallas kernels
 class TestPallasInterpret:
-    """The Pallas forms with interpret=True on CPU (slow, so small shapes)."""
+    """The Pallas forms with interpret=True on CPU (slow, so small shapes): one case by
+    default, more under -m slow. TestPallasGPU runs the same checks compiled."""
 
     INTERPRET = True
     CASES = [(40, 16, True, True)]
     SLOW_CASES = [(1, 16, False, False), (63, 16, True, False), (77, 32, False, True), (130, 64, True, True)]
+    ALL_CASES = CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES]
 
     def _check(self, backend, t, chunk, use_h0, use_seg, dtype=jnp.float32, dims=(16, 16), prepare_impls=("xla",)):
         """Output, final state and every gradient against the float64 reference, once per
@@ -200,14 +197,8 @@ class TestPallasInterpret:
                           f"pallas-{backend} prepare={prepare_impl} T={t} C={chunk} h0={use_h0} seg={use_seg}")
 
     @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
+    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", ALL_CASES)
     def test_matches_reference(self, backend, t, chunk, use_h0, use_seg):
-        self._check(backend, t, chunk, use_h0, use_seg)
-
-    @pytest.mark.slow
-    @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-    @pytest.mark.parametrize("t,chunk,use_h0,use_seg", SLOW_CASES)
-    def test_matches_reference_more_shapes(self, backend, t, chunk, use_h0, use_seg):
         self._check(backend, t, chunk, use_h0, use_seg)
 
     @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -217,7 +208,7 @@ class TestPallasInterpret:
 
     @pytest.mark.parametrize("t,chunk,use_h0,use_seg", CASES)
     def test_pallas_prepare_matches_reference(self, t, chunk, use_h0, use_seg):
-        """The whole op with the chunk-local part in the gpu_prepare kernels."""
+        """The whole op as one custom VJP over the chunk-local and walk kernels (gpu_op)."""
         self._check("gpu", t, chunk, use_h0, use_seg, prepare_impls=("pallas",))
 
     def test_pallas_prepare_forward_alone(self):
@@ -238,7 +229,8 @@ class TestPallasInterpret:
 
 @pytest.mark.gpu
 class TestPallasGPU(TestPallasInterpret):
-    """The same checks compiled for the GPU (Triton), on the full grid of shapes."""
+    """The same checks compiled for the GPU (Triton): a grid of shapes (test_compiled) in
+    place of the interpret-mode cases, which the GPU backend's checks below repeat once."""
 
     INTERPRET = False
 
@@ -260,8 +252,6 @@ class TestPallasGPU(TestPallasInterpret):
     def test_widest_head_dims(self, backend):
         self._check(backend, 300, 64, True, True, dims=(256, 512))
 
-    test_matches_reference_more_shapes = None
-
 
 # ------------------------------------------------- chunk-local Pallas GPU kernels
 def _prepare_and_vjp(fn, x, use_seg, chunk):
@@ -281,8 +271,9 @@ def _prepare_and_vjp(fn, x, use_seg, chunk):
 
 
 class TestPreparePallas:
-    """gpu_prepare (the chunk-local kernels) vs xla.prepare: all six outputs, and the
-    custom VJP vs autodiff of xla.prepare, in interpret mode on CPU."""
+    """gpu_chunk_local.prepare (the chunk-local kernels) vs xla.prepare: all six outputs,
+    and the custom VJP vs autodiff of xla.prepare, in interpret mode on CPU: two cases by
+    default, more under -m slow."""
 
     INTERPRET = True
     # (T, chunk, K, segments, dtype)
@@ -293,10 +284,11 @@ class TestPreparePallas:
         (130, 16, 64, False, jnp.float32), (130, 32, 64, True, jnp.bfloat16), (130, 64, 64, True, jnp.float32),
         (130, 64, 128, True, jnp.bfloat16), (63, 16, 128, False, jnp.float32),
     ]
+    ALL_CASES = CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_CASES]
 
     def _check(self, t, chunk, dk, use_seg, dtype):
         x = make_inputs(t + chunk + dk, 2, t, 2, dk, dk // 2, dtype=dtype, n_segments_hint=0.05)
-        fn = functools.partial(gpu_prepare.prepare, interpret=self.INTERPRET)
+        fn = functools.partial(gpu_chunk_local.prepare, interpret=self.INTERPRET)
         (out, grads), (out_r, grads_r) = (_prepare_and_vjp(f, x, use_seg, chunk) for f in (fn, xla_prepare))
         errors = {n: rel_rms(a.astype(jnp.float32), b.astype(jnp.float32))
                   for n, a, b in zip(out_r._fields, out, out_r)}
@@ -305,13 +297,8 @@ class TestPreparePallas:
         for name, err in errors.items():
             assert np.isfinite(err) and err <= TOL[dtype], f"T={t} C={chunk} K={dk} seg={use_seg}: {name} {errors}"
 
-    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", CASES)
+    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", ALL_CASES)
     def test_matches_xla_prepare(self, t, chunk, dk, use_seg, dtype):
-        self._check(t, chunk, dk, use_seg, dtype)
-
-    @pytest.mark.slow
-    @pytest.mark.parametrize("t,chunk,dk,use_seg,dtype", SLOW_CASES)
-    def test_matches_xla_prepare_more_shapes(self, t, chunk, dk, use_seg, dtype):
         self._check(t, chunk, dk, use_seg, dtype)
 
     @staticmethod
@@ -329,7 +316,7 @@ class TestPreparePallas:
         """On the hard chunk, w and u match the float64 triangular solve of xla.prepare to
         float32 accuracy."""
         args, kw = self._hard_chunk(16)
-        got = gpu_prepare.prepare(*args, interpret=self.INTERPRET, **kw)
+        got = gpu_chunk_local.prepare(*args, interpret=self.INTERPRET, **kw)
         with jax.enable_x64(True):
             want = xla_prepare(*(a.astype(jnp.float64) for a in args), **kw)
         assert rel_rms(got.w, want.w) < 1e-4 and rel_rms(got.u, want.u) < 1e-4
@@ -338,7 +325,7 @@ class TestPreparePallas:
         """With bf16 inputs the solve's dots may be TF32 (on GPU): w and u on the hard chunk
         stay within twice the error of xla.prepare, which inverts exactly and then rounds."""
         args, kw = self._hard_chunk(64, jnp.bfloat16)
-        got = gpu_prepare.prepare(*args, interpret=self.INTERPRET, **kw)
+        got = gpu_chunk_local.prepare(*args, interpret=self.INTERPRET, **kw)
         rounded = xla_prepare(*args, **kw)
         with jax.enable_x64(True):
             want = xla_prepare(*(a.astype(jnp.float64) for a in args), **kw)
@@ -350,7 +337,7 @@ class TestPreparePallas:
 
 @pytest.mark.gpu
 class TestPreparePallasGPU(TestPreparePallas):
-    """The same checks compiled for the GPU (Triton), all shapes."""
+    """The same checks compiled for the GPU (Triton), every case (none is slow there)."""
 
     INTERPRET = False
 
@@ -358,11 +345,10 @@ class TestPreparePallasGPU(TestPreparePallas):
     def test_matches_xla_prepare(self, t, chunk, dk, use_seg, dtype):
         self._check(t, chunk, dk, use_seg, dtype)
 
-    test_matches_xla_prepare_more_shapes = None
-
 
 # --------------------------------------------------------------------- lowering
-def _export_grad(backend, platform, dtype, dk=128, dv=128, use_seg=False, value=False, prepare_impl="xla"):
+def _export_grad(backend, platform, dtype, dk=128, dv=128, use_seg=False, value=False, prepare_impl="xla",
+                 block_sizes=None):
     """Export (loss and) gradients of the Pallas form on ShapeDtypeStructs, lowered for `platform`."""
     b, t, h = 1, 200, 2
 
@@ -370,7 +356,8 @@ def _export_grad(backend, platform, dtype, dk=128, dv=128, use_seg=False, value=
         def loss(*a):
             o, s = chunk_gated_delta_rule_pallas(*a[:5], initial_state=a[5], output_final_state=True,
                                                  segment_ids=seg if use_seg else None, chunk_size=64,
-                                                 interpret=False, backend=backend, prepare_impl=prepare_impl)
+                                                 interpret=False, backend=backend, prepare_impl=prepare_impl,
+                                                 block_sizes=block_sizes)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
         return (jax.value_and_grad if value else jax.grad)(loss, argnums=tuple(range(6)))(q, k, v, g, beta, h0)
 
@@ -388,8 +375,14 @@ def test_tpu_kernels_lower_with_mosaic(dtype, dk, dv):
     assert exported.mlir_module().count("tpu_custom_call") >= 2
 
 
-GPU_KERNELS = ("gdn_prepare_local", "gdn_prepare_wy", "gdn_prepare_out", "gdn_prepare_bwd", "gdn_chunk_states",
-               "gdn_chunk_bwd", "gdn_chunk_grads")
+def _gpu_warps(bs: BlockSizes, width: int) -> dict:
+    """{kernel name: num_warps} of the fused GPU op's kernels at head width max(K, V)."""
+    return {"gdn_aqk_qg": bs.aqk_qg_warps, "gdn_wy": bs.wy_warps, "gdn_output": bs.output_warps,
+            "gdn_prepare_bwd": bs.prepare_bwd_warps_at(width), "gdn_recurrence_states": bs.walk_warps,
+            "gdn_recurrence_bwd": bs.walk_warps, "gdn_recurrence_grads": bs.grads_warps}
+
+
+GPU_KERNELS = tuple(_gpu_warps(BlockSizes(), 64))
 
 
 @pytest.mark.parametrize("dtype,dk,dv,use_seg", [(jnp.bfloat16, 128, 128, True), (jnp.float32, 64, 32, False),
@@ -407,44 +400,56 @@ def test_gpu_kernels_lower_with_triton(dtype, dk, dv, use_seg):
 
 @pytest.mark.parametrize("dk,dv,expect_prepare_kernels", [(64, 64, True), (128, 128, True), (256, 512, False)])
 def test_gpu_default_prepare_by_head_width(dk, dv, expect_prepare_kernels):
-    """On GPU the chunk-local part runs in the gpu_prepare kernels up to K, V = 128, in XLA above
+    """On GPU the chunk-local part runs in the gpu_chunk_local kernels up to K, V = 128, in XLA above
     (where the outputs come from the recurrence's own kernel, from XLA's aqk and qg)."""
     module = _export_grad("gpu", "cuda", jnp.bfloat16, dk=dk, dv=dv, value=True, prepare_impl=None).mlir_module()
-    assert ('name = "gdn_prepare_local"' in module) == expect_prepare_kernels
-    assert ('name = "gdn_chunk_out"' in module) != expect_prepare_kernels
-    assert 'name = "gdn_chunk_states"' in module
+    assert ('name = "gdn_aqk_qg"' in module) == expect_prepare_kernels
+    assert ('name = "gdn_recurrence_output"' in module) != expect_prepare_kernels
+    assert 'name = "gdn_recurrence_states"' in module
 
 
-def test_triton_resources_tool_keeps_every_gpu_kernel():
-    """tools/triton_resources.py (registers and spills of each kernel, compiled offline) gets
-    every GDN GPU kernel's Triton IR and launch parameters out of the Pallas lowering."""
-    import importlib.util
-    import pathlib
+def test_block_sizes_reach_the_gpu_kernels():
+    """A BlockSizes value given to the op sets each kernel's launch parameters (the
+    default's, and another's), and the walks' V block (their grid)."""
+    changed = BlockSizes(aqk_qg_warps=8, wy_warps=4, output_warps=2, prepare_bwd_warps=2, walk_warps=8,
+                         grads_warps=8, walk_block_v=32)
+    for bs in (BlockSizes(), changed):
+        module = _export_grad("gpu", "cuda", jnp.bfloat16, dk=64, dv=64, value=True, prepare_impl="pallas",
+                              block_sizes=None if bs == BlockSizes() else bs).mlir_module()
+        want = {name: (warps, 1) for name, warps in _gpu_warps(bs, 64).items()}
+        assert launch_params(module) == want
+    walks = [line for line in module.splitlines() if 'name = "gdn_recurrence_states"' in line]
+    grids = {re.search(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32", line).groups() for line in walks}
+    assert grids == {("2", "2")}  # (B * H, V / walk_block_v)
 
-    path = pathlib.Path(__file__).parents[1] / "tools" / "triton_resources.py"
-    spec = importlib.util.spec_from_file_location("triton_resources", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+
+def test_resources_tool_keeps_every_gpu_kernel():
+    """`python -m tools.bench resources` (registers and spills of each kernel, compiled
+    offline) gets every GDN GPU kernel's Triton IR and launch parameters out of the Pallas
+    lowering."""
+    from tools.bench import resources as tool
+
     kernels = tool.lowered_kernels("gdn", 64, 64, jnp.bfloat16)
     assert sorted(kernels) == sorted(GPU_KERNELS)
     for name, (ir, warps, stages) in kernels.items():
         assert f"tt.func public @{name}" in ir, name
-        assert warps == (gpu_prepare.num_warps(name.split("_")[-1], 64) if "prepare" in name else 4), name
+        assert warps == _gpu_warps(BlockSizes(), 64)[name], name
         assert stages == 1, name
 
 
 @pytest.mark.parametrize("bh,dv", [(32, 64), (128, 64), (64, 64), (16, 128), (1, 512), (2, 48), (3, 20)])
 def test_gpu_walk_block_is_widest_that_fills_the_gpu(bh, dv):
     """The walks' default V block divides V, and is the widest power-of-two fraction of V
-    (down to 16) with at least gpu.WALK_PROGRAMS programs, or 16 when none has that many."""
-    from pallas_kernels.gated_delta_rule import gpu
+    (down to 16) with at least BlockSizes.walk_programs programs, or 16 when none has that many."""
+    from pallas_kernels.gated_delta_rule.gpu_recurrence import walk_block_v
 
-    bv = gpu._block_v(dv, bh, None)
+    bs = BlockSizes()
+    bv = walk_block_v(dv, bh, bs)
     candidates = [dv // 2**i for i in range(8) if dv % 2**i == 0 and dv // 2**i >= 16] or [dv]
-    enough = [c for c in candidates if bh * (dv // c) >= gpu.WALK_PROGRAMS]
+    enough = [c for c in candidates if bh * (dv // c) >= bs.walk_programs]
     assert dv % bv == 0
     assert bv == (max(enough) if enough else min(candidates)), (bh, dv, bv)
-    assert gpu._block_v(dv, bh, dv) == dv  # an explicit block wins
+    assert walk_block_v(dv, bh, BlockSizes(walk_block_v=dv)) == dv  # an explicit block wins
 
 
 @pytest.mark.parametrize("c", [1, 3, 16, 63, 64])

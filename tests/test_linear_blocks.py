@@ -25,7 +25,7 @@ from hylo_jax.convert import linear_init, mapping
 from hylo_jax.layers.gated_deltanet import GatedDeltaNet
 from hylo_jax.layers.mamba2 import Mamba2
 from hylo_jax.models.decoder import CausalLM
-from pallas_kernels._common import rel_rms
+from kernel_utils import rel_rms
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -11,18 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._common import rel_rms
-from pallas_kernels.ssd import ssd, ssd_pallas, ssd_reference, ssd_step, ssd_xla
+from kernel_utils import launch_params, rel_rms
+from pallas_kernels.ssd import BlockSizes, ssd, ssd_pallas, ssd_reference, ssd_step, ssd_xla
 
 ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
-
-
-@pytest.fixture
-def x64():
-    """float64 for the reference, scoped to one test."""
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
 
 
 def make_inputs(b, t, h, p, g, n, *, seed=0, init=True, seg=True):
@@ -113,14 +105,14 @@ GPU_CASES = CASES[:4] + [
 
 @pytest.mark.parametrize("case,chunk", GPU_CASES)
 def test_pallas_gpu_kernel_interpret(x64, case, chunk):
-    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, platform="gpu")
+    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, backend="gpu")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,chunk", [GPU_CASES[1], GPU_CASES[5]])
 def test_pallas_gpu_kernel_interpret_bf16(x64, case, chunk):
     check_against_reference(ssd_pallas, case, dtype=jnp.bfloat16, tol=2e-2, chunk_size=chunk,
-                            interpret=True, platform="gpu")
+                            interpret=True, backend="gpu")
 
 
 @pytest.mark.parametrize("case,chunk,dtype", [
@@ -128,14 +120,11 @@ def test_pallas_gpu_kernel_interpret_bf16(x64, case, chunk):
     (CASES[3][0], 64, jnp.float32),
     (GPU_CASES[5][0], 128, jnp.bfloat16),
 ])
-def test_pallas_gpu_kernel_interpret_tiles(x64, monkeypatch, case, chunk, dtype):
+def test_pallas_gpu_kernel_interpret_tiles(x64, case, chunk, dtype):
     """Chunks of several 16-row tiles: the kernels' loops over the tiles of a chunk."""
-    from pallas_kernels.ssd import gpu
-
-    monkeypatch.setitem(gpu.BLOCKS, "tile", 16)
     tol = 5e-3 if dtype == jnp.float32 else 2e-2
     check_against_reference(ssd_pallas, case, dtype=dtype, tol=tol, chunk_size=chunk,
-                            interpret=True, platform="gpu")
+                            interpret=True, backend="gpu", block_sizes=BlockSizes(tile=16))
 
 
 def test_gpu_state_stages_interpret():
@@ -152,8 +141,9 @@ def test_gpu_state_stages_interpret():
     vw = v.astype(jnp.float32) * jnp.swapaxes(w, 1, 2)[..., None]
     want = jnp.einsum("bclhp,bclhn->bhcpn", vw.reshape(b, nc, L, h, p), kh,
                       precision=jax.lax.Precision.HIGHEST)
-    fine = gpu.chunk_states(v, k, w, chunk_size=L, tile=16, fine=True, interpret=True)
-    coarse = gpu.chunk_states(v, k, w, chunk_size=L, tile=16, interpret=True)
+    tiles = BlockSizes(tile=16)
+    fine = gpu.chunk_states(v, k, w, chunk_size=L, block_sizes=tiles, fine=True, interpret=True)
+    coarse = gpu.chunk_states(v, k, w, chunk_size=L, block_sizes=tiles, interpret=True)
     assert rel_rms(fine, want) < 1e-5 < rel_rms(coarse, want) < 5e-3
 
     s = jnp.asarray(rng.standard_normal((b, h, nc, p, n)), jnp.float32)
@@ -172,26 +162,26 @@ def test_gpu_state_stages_interpret():
 @pytest.mark.slow
 def test_pallas_gpu_kernel_interpret_long(x64):
     case, chunk = CASES[4]
-    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, platform="gpu")
+    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=True, backend="gpu")
 
 
 def test_pallas_tpu_kernel_interpret(x64):
-    check_against_reference(ssd_pallas, CASES[1][0], chunk_size=16, interpret=True, platform="tpu")
+    check_against_reference(ssd_pallas, CASES[1][0], chunk_size=16, interpret=True, backend="tpu")
 
 
 WIDEST = (1, 40, 2, 512, 1, 256, True, True)  # P = 512, N = 256: the widest heads of the contract
 
 
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_pallas_widest_head_dims_interpret(x64, platform):
-    check_against_reference(ssd_pallas, WIDEST, chunk_size=16, interpret=True, platform=platform)
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_pallas_widest_head_dims_interpret(x64, backend):
+    check_against_reference(ssd_pallas, WIDEST, chunk_size=16, interpret=True, backend=backend)
 
 
 def test_bf16(x64):
     case = (1, 77, 4, 16, 2, 16, True, True)
     check_against_reference(ssd_xla, case, dtype=jnp.bfloat16, tol=2e-2, chunk_size=32)
     check_against_reference(ssd_pallas, case, dtype=jnp.bfloat16, tol=2e-2, chunk_size=32,
-                            interpret=True, platform="gpu")
+                            interpret=True, backend="gpu")
 
 
 def test_bf16_decay_gradient_long_sequence(x64):
@@ -199,7 +189,7 @@ def test_bf16_decay_gradient_long_sequence(x64):
     not cancel (7.4e-3 here); a reverse cumsum over the sequence of do.o - dv.v, with the
     backward's chunks misaligned, gave 8.6e-2, and the XLA autodiff form gives 1.4e-2."""
     check_against_reference(ssd_pallas, (1, 300, 2, 32, 1, 64, True, True), dtype=jnp.bfloat16,
-                            tol=2e-2, chunk_size=64, interpret=True, platform="gpu")
+                            tol=2e-2, chunk_size=64, interpret=True, backend="gpu")
 
 
 def test_no_softplus_no_d_and_public_dispatch(x64):
@@ -259,7 +249,7 @@ def test_bad_inputs_raise_clear_errors():
         ssd(x, dt, A, B, B, impl="pallas", chunk_size=24, interpret=True)
 
 
-def _export_fwd_bwd(platform, platforms, seg, chunk=64, p=64, n=128):
+def _export_fwd_bwd(backend, platforms, seg, chunk=64, p=64, n=128, block_sizes=None):
     """MLIR of jit(value_and_grad) of the Pallas path, exported for `platforms` on this CPU."""
     b, t, h, g = 1, 130, 4, 2
     S = lambda *s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)
@@ -269,7 +259,7 @@ def _export_fwd_bwd(platform, platforms, seg, chunk=64, p=64, n=128):
         def loss(x, dt, A, B, C, h0):
             y, s = ssd_pallas(x, dt, A, B, C, initial_state=h0, output_final_state=True,
                               segment_ids=ids if seg else None, chunk_size=chunk, interpret=False,
-                              platform=platform)
+                              backend=backend, block_sizes=block_sizes)
             return jnp.sum(y.astype(f32)) + jnp.sum(s)
         return jax.value_and_grad(loss, argnums=range(6))(x, dt, A, B, C, h0)
 
@@ -300,21 +290,34 @@ def test_gpu_kernels_lower(seg, chunk, p, n):
     assert not missing, f"kernels not in the exported module: {missing}"
 
 
+def test_block_sizes_reach_the_gpu_kernels():
+    """A BlockSizes value given to ssd_pallas sets each kernel's warps and stages (the
+    default's, and another's)."""
+    changed = BlockSizes(states_warps=8, outputs_warps=8, outputs_stages=2, grads_warps=4, pass_warps=2,
+                         pass_stages=1)
+    for bs in (BlockSizes(), changed):
+        mlir = _export_fwd_bwd("gpu", ("cuda",), False, block_sizes=None if bs == BlockSizes() else bs)
+        params = lambda k: (getattr(bs, f"{k}_warps"), getattr(bs, f"{k}_stages"))
+        assert launch_params(mlir) == {
+            "ssd_chunk_states": params("states"), "ssd_chunk_outputs": params("outputs"),
+            "ssd_chunk_grads": params("grads"), "ssd_state_pass": params("pass"), "ssd_state_pass_rev": params("pass")}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,chunk", CASES[1:] + [((2, 300, 4, 64, 2, 128, True, True), 64),
                                                     ((2, 600, 4, 64, 2, 128, True, True), 256)])
 def test_pallas_gpu_compiled(x64, case, chunk):
-    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=False, platform="gpu")
+    check_against_reference(ssd_pallas, case, chunk_size=chunk, interpret=False, backend="gpu")
 
 
 @pytest.mark.gpu
 def test_pallas_gpu_compiled_widest_head_dims(x64):
     check_against_reference(ssd_pallas, (1, 300, 2, 512, 1, 256, True, True), chunk_size=64, interpret=False,
-                            platform="gpu")
+                            backend="gpu")
 
 
 @pytest.mark.gpu
 def test_pallas_gpu_compiled_bf16(x64):
     for chunk in (64, 256):
         check_against_reference(ssd_pallas, (2, 300, 4, 64, 2, 128, True, True), dtype=jnp.bfloat16,
-                                tol=2e-2, chunk_size=chunk, interpret=False, platform="gpu")
+                                tol=2e-2, chunk_size=chunk, interpret=False, backend="gpu")

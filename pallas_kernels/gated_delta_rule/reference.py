@@ -6,6 +6,7 @@
 `gated_delta_rule_step` is one token of it (the decode path of the GDN layer);
 `fused_recurrent_gated_delta_rule` runs it over time with `lax.scan`. Arithmetic is
 float32 (float64 when the inputs are float64, which the tests use as ground truth).
+`check_inputs` is the shape contract that the public op checks for every form.
 """
 
 from __future__ import annotations
@@ -14,6 +15,28 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import segment_index
+
+
+def check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
+    """Raise a ValueError that names the offending argument."""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B,T,H,K]; got q {q.shape}, k {k.shape}")
+    b, t, h, dk = q.shape
+    if v.ndim != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v must be [B,T,H,V] = [{b},{t},{h},V]; got {v.shape}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (b, t, h):
+            raise ValueError(f"{name} must be [B,T,H] = {(b, t, h)}; got {x.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}; got {initial_state.shape}"
+        )
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be [B,T] = {(b, t)}; got {segment_ids.shape}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if t == 0:
+        raise ValueError("sequence length T must be at least 1")
 
 
 def _compute_dtype(*xs):

@@ -12,9 +12,9 @@ solved in closed form (WY / UT representation, as in flash-linear-attention):
     S'     = exp(G_last) S + kg^T v_new,   kg = k exp(G_last - G)
 
 `prepare` does everything that is local to a chunk (parallel over chunks; plain
-JAX, differentiated by autodiff), `chunk_forward_step` is the only sequential part
-(one chunk of the state recurrence), which the Pallas kernels implement and the
-`lax.scan` here runs. Segment boundaries are folded into masks: a position sees the
+JAX, differentiated by autodiff); the only sequential part is one chunk of the state
+recurrence (`chunk_math.chunk_forward_step`), which the Pallas kernels and the
+`lax.scan` here run. Segment boundaries are folded into masks: a position sees the
 incoming state only if no segment starts between the chunk start and it, pairs
 inside a chunk interact only within one segment, and the state decays to zero across
 a chunk that contains a segment start.
@@ -23,105 +23,13 @@ a chunk that contains a segment start.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import chunk_segments, pad_time
-
-
-class Chunked(NamedTuple):
-    """Chunk-local operands of the state recurrence, head-major: [B, H, N, C, ...]."""
-
-    w: jax.Array  # [B,H,N,C,K]
-    u: jax.Array  # [B,H,N,C,V]
-    qg: jax.Array  # [B,H,N,C,K]
-    aqk: jax.Array  # [B,H,N,C,C]
-    kg: jax.Array  # [B,H,N,C,K]
-    decay: jax.Array  # [B,H,N] float32
-
-
-def check_inputs(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
-    """Raise a ValueError that names the offending argument."""
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [B,T,H,K]; got q {q.shape}, k {k.shape}")
-    b, t, h, dk = q.shape
-    if v.ndim != 4 or v.shape[:3] != (b, t, h):
-        raise ValueError(f"v must be [B,T,H,V] = [{b},{t},{h},V]; got {v.shape}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (b, t, h):
-            raise ValueError(f"{name} must be [B,T,H] = {(b, t, h)}; got {x.shape}")
-    if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
-        raise ValueError(
-            f"initial_state must be [B,H,K,V] = {(b, h, dk, v.shape[-1])}; got {initial_state.shape}"
-        )
-    if segment_ids is not None and segment_ids.shape != (b, t):
-        raise ValueError(f"segment_ids must be [B,T] = {(b, t)}; got {segment_ids.shape}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if t == 0:
-        raise ValueError("sequence length T must be at least 1")
-
-
-def _dot_kwargs(a, b):
-    """Precision and accumulation of every product in this op: float32 operands at full
-    precision (no TF32), 16-bit ones on the tensor cores (exact products), accumulated in
-    float32 or wider."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return dict(precision=precision, preferred_element_type=jnp.promote_types(jnp.result_type(a, b), jnp.float32))
-
-
-def _dot(a, b):
-    """a @ b (kernel bodies call this: a plain dot_general)."""
-    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), **_dot_kwargs(a, b))
-
-
-def chunk_state_step(s, w, u, kg, decay):
-    """The state part of one chunk of the recurrence, for one (batch, head) and any slice
-    of V columns: s [K, BV] float32 entering the chunk; w, kg: [C, K]; u: [C, BV];
-    decay: scalar or broadcastable. Returns (v_new [C, BV], s' [K, BV]), float32.
-    Columns of V never mix, which lets kernels split V."""
-    od = w.dtype
-    v_new = u.astype(s.dtype) - _dot(w, s.astype(od))
-    return v_new, decay * s + _dot(kg.T, v_new.astype(od))
-
-
-def chunk_output(s, qg, aqk, v_new):
-    """A chunk's output from the state entering it and its v_new (`chunk_state_step`):
-    o = qg s + aqk v_new [C, BV] float32, with s and v_new rounded to qg's dtype."""
-    od = qg.dtype
-    return _dot(qg, s.astype(od)) + _dot(aqk, v_new.astype(od))
-
-
-def chunk_forward_step(s, w, u, qg, aqk, kg, decay):
-    """One chunk of the recurrence: (o, v_new, s'), all float32 (see `chunk_state_step`
-    and `chunk_output`; qg: [C, K], aqk: [C, C])."""
-    v_new, s_next = chunk_state_step(s, w, u, kg, decay)
-    return chunk_output(s, qg, aqk, v_new), v_new, s_next
-
-
-def recurrence_cost(bh, tp, dk, dv, c, itemsize, *, backward=False, save_states=False):
-    """(flops, bytes) of the inter-chunk recurrence (chunk_forward_step / chunk_backward_step
-    over all chunks) as the GPU and TPU kernels run it, for their pl.CostEstimate."""
-    n = tp // c
-    flops = bh * tp * dv * (6 * dk + 2 * c)
-    if backward:
-        return flops, itemsize * bh * (tp * (3 * dk + c + 2 * dv) + n * dk * dv)
-    nbytes = itemsize * bh * tp * (3 * dk + c + 2 * dv) + 8 * bh * dk * dv
-    if save_states:
-        nbytes += itemsize * bh * (n * dk * dv + tp * dv)
-    return flops, nbytes
-
-
-def chunk_backward_step(ds, do, w, qg, aqk, kg, decay):
-    """Reverse of `chunk_forward_step` for the state: given dL/dS' (ds, [K, BV] float32)
-    and dL/do (do, [C, BV]), return (dv_new [C, BV], dL/dS [K, BV]), float32."""
-    od = w.dtype
-    do = do.astype(od)
-    dv = _dot(aqk.T, do) + _dot(kg, ds.astype(od))
-    ds = decay * ds + _dot(qg.T, do) - _dot(w.T, dv.astype(od))
-    return dv, ds
+from pallas_kernels.gated_delta_rule.chunk_math import Chunked, chunk_forward_step, einsum
+from pallas_kernels.gated_delta_rule.reference import check_inputs
 
 
 def unit_lower_inverse(a):
@@ -151,11 +59,6 @@ def unit_lower_inverse(a):
         inv = jnp.concatenate([top, jnp.concatenate([z, y], axis=-1)], axis=-2)
         s *= 2
     return inv.reshape(batch + (p, p))[..., :c, :c]
-
-
-def einsum(spec, a, b):
-    """jnp.einsum with the precision and accumulation of `_dot_kwargs`."""
-    return jnp.einsum(spec, a, b, **_dot_kwargs(a, b))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -4,8 +4,9 @@
 `ssd_step(...)` advances the recurrence by one token for decoding.
 """
 
+from pallas_kernels.ssd.block_sizes import BlockSizes
 from pallas_kernels.ssd.ops import ssd, ssd_pallas
 from pallas_kernels.ssd.reference import ssd_reference, ssd_step
 from pallas_kernels.ssd.xla import ssd_xla
 
-__all__ = ["ssd", "ssd_pallas", "ssd_reference", "ssd_step", "ssd_xla"]
+__all__ = ["BlockSizes", "ssd", "ssd_pallas", "ssd_reference", "ssd_step", "ssd_xla"]

@@ -17,7 +17,7 @@ per-token weights and the carries are elementwise XLA (ops.py); the kernels get 
 as [B, H, Tp] float32 rows.
 
 The chunk (how often a state is written: L) and the tile (how many rows a program
-holds in registers: bt = min(L, tile); ops.py passes BLOCKS["tile"]) are separate, so
+holds in registers: bt = min(L, block_sizes.tile)) are separate, so
 a long chunk costs no registers: a program takes one tile of rows and loops over the
 tiles of its chunk that it pairs with, one [bt, bt] block of q k^T at a time.
 
@@ -48,7 +48,7 @@ the inputs' dtype; the backward keeps h_c and g_c in float32 and multiplies them
 hi + lo bf16 pairs (_mm_fine), because through da's sums a bf16 state biased dA by 10 %
 (rel-RMS, bf16, T = 1000 with a random initial state, chunk 64; 5e-3 with the split).
 Triton wants power-of-two blocks with matrix dims >= 16: ops.py pads N and P, and L
-must be a power of two >= 16.
+must be a power of two >= 16. Launch parameters: `BlockSizes` (block_sizes.py).
 """
 
 from __future__ import annotations
@@ -60,19 +60,16 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.ssd.block_sizes import BlockSizes
+
 _F32 = jnp.float32
 
-# Launch parameters (untuned guesses until measured): rows per program (tile), warps of
-# each kernel, and the state pass's slice of P*N per program, warps and pipeline stages.
-BLOCKS = dict(tile=64, states_warps=4, outputs_warps=4, grads_warps=8, pass_block=512, pass_warps=4,
-              states_stages=1, outputs_stages=1, grads_stages=1, pass_stages=2)
 
-
-def _params(kernel):
+def _params(block_sizes, kernel):
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=BLOCKS[f"{kernel}_warps"],
-                                   num_stages=BLOCKS[f"{kernel}_stages"])
+    return pltriton.CompilerParams(num_warps=getattr(block_sizes, f"{kernel}_warps"),
+                                   num_stages=getattr(block_sizes, f"{kernel}_stages"))
 
 
 def _mm(a, b, *, ta=False, tb=False):
@@ -154,14 +151,14 @@ def _states_kernel(v_ref, k_ref, w_ref, out_ref, *, bt, nb, fine):
     out_ref[...] = lax.fori_loop(0, nb, body, jnp.zeros(out_ref.shape, _F32))
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "tile", "fine", "interpret"))
-def chunk_states(v, k, w, *, chunk_size, tile, fine=False, interpret=False):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes", "fine", "interpret"))
+def chunk_states(v, k, w, *, chunk_size, block_sizes=BlockSizes(), fine=False, interpret=False):
     """v [B,Tp,Hv,P], k [B,Tp,Gk,N], w [B,H,Tp] f32 -> [B,H,nc,P,N] f32: sum_j w_j v_j k_j^T per chunk.
     fine: w v is not rounded to v's dtype (two products, see _mm_fine)."""
     b, h, tp = w.shape
     p, n = v.shape[-1], k.shape[-1]
     L = chunk_size
-    bt, nb = _tiling(L, tile)
+    bt, nb = _tiling(L, block_sizes.tile)
     nc = tp // L
     return pl.pallas_call(
         functools.partial(_states_kernel, bt=bt, nb=nb, fine=fine),
@@ -169,7 +166,7 @@ def chunk_states(v, k, w, *, chunk_size, tile, fine=False, interpret=False):
         in_specs=[_chunk_spec(L, p, h // v.shape[2]), _chunk_spec(L, n, h // k.shape[2]), _row_spec(L)],
         out_specs=_state_spec(p, n),
         out_shape=jax.ShapeDtypeStruct((b, h, nc, p, n), _F32),
-        compiler_params=_params("states"),
+        compiler_params=_params(block_sizes, "states"),
         cost_estimate=pl.CostEstimate(
             flops=2 * b * h * tp * p * n * (2 if fine else 1), transcendentals=0,
             bytes_accessed=b * h * tp * (p + n) * v.dtype.itemsize + 4 * b * h * (tp + nc * p * n)),
@@ -188,15 +185,15 @@ def _pass_kernel(s_ref, carry_ref, h0_ref, out_ref, final_ref, *, nc, reverse):
     final_ref[...] = lax.fori_loop(0, nc, body, h0_ref[...])
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "reverse", "interpret"))
-def state_pass(s, carry, h0, *, out_dtype, reverse=False, interpret=False):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "reverse", "interpret", "block_sizes"))
+def state_pass(s, carry, h0, *, out_dtype, reverse=False, interpret=False, block_sizes=BlockSizes()):
     """Scan over chunks: state_{c+1} = carry_c state_c + s_c from h0 (from the last chunk
     down when reverse). s [B,H,nc,P,N] f32, carry [B,H,nc] f32, h0 [B,H,P,N] f32.
     Returns (the state met by each chunk before its own term [B,H,nc,P,N] in out_dtype,
     the state after all chunks [B,H,P,N] f32)."""
     b, h, nc, p, n = s.shape
     d = p * n
-    bd = min(BLOCKS["pass_block"], d)
+    bd = min(block_sizes.pass_block, d)
     out, final = pl.pallas_call(
         functools.partial(_pass_kernel, nc=nc, reverse=reverse),
         grid=(b, h, d // bd),
@@ -207,7 +204,7 @@ def state_pass(s, carry, h0, *, out_dtype, reverse=False, interpret=False):
                    pl.BlockSpec((None, None, bd), lambda i, j, m: (i, j, m))],
         out_shape=[jax.ShapeDtypeStruct((b, h, nc, d), out_dtype),
                    jax.ShapeDtypeStruct((b, h, d), _F32)],
-        compiler_params=_params("pass"),
+        compiler_params=_params(block_sizes, "pass"),
         cost_estimate=pl.CostEstimate(
             flops=2 * b * h * nc * d, transcendentals=0,
             bytes_accessed=b * h * (nc * d * (4 + jnp.dtype(out_dtype).itemsize) + 8 * d + 4 * nc)),
@@ -240,15 +237,15 @@ def _outputs_kernel(*refs, bt, has_seg):
     o_ref[...] = lax.fori_loop(0, r + 1, body, o)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "tile", "interpret"))
-def chunk_outputs(v, k, q, cs, ein, h_in, s, *, chunk_size, tile, interpret=False):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes", "interpret"))
+def chunk_outputs(v, k, q, cs, ein, h_in, s, *, chunk_size, block_sizes=BlockSizes(), interpret=False):
     """o [B,Tp,H,P] f32 of every chunk from its entering state h_in [B,H,nc,P,N] (q's dtype).
     cs: in-chunk cumulative log-decay, ein = e^cs (0 outside the entering state's segment),
     both [B,H,Tp] f32; s [B,Tp] f32 segment index or None."""
     b, h, tp = cs.shape
     p, n = v.shape[-1], k.shape[-1]
     L = chunk_size
-    bt, nb = _tiling(L, tile)
+    bt, nb = _tiling(L, block_sizes.tile)
     in_specs = [_tile_spec(bt, nb, n, h // q.shape[2]), _chunk_spec(L, n, h // k.shape[2]),
                 _chunk_spec(L, p, h // v.shape[2]), _row_spec(L), _row_spec(L), _state_spec(p, n)]
     args = [q, k, v, cs, ein, h_in]
@@ -262,7 +259,7 @@ def chunk_outputs(v, k, q, cs, ein, h_in, s, *, chunk_size, tile, interpret=Fals
         in_specs=in_specs,
         out_specs=_tile_spec(bt, nb, p, 1),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, p), _F32),
-        compiler_params=_params("outputs"),
+        compiler_params=_params(block_sizes, "outputs"),
         cost_estimate=pl.CostEstimate(
             flops=b * h * tp * ((L + bt) * (n + p) + 2 * p * n), transcendentals=b * h * tp * (L + bt) // 2,
             bytes_accessed=b * h * tp * ((2 * n + p) * it + 4 * p + 8) + b * h * tp // bt * p * n * it),
@@ -343,8 +340,8 @@ def _grads_kernel(*refs, bt, nb, rh, has_seg):
     dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "tile", "interpret"))
-def chunk_grads(v, k, q, do, cs, ein, eout, h_in, g_out, s, *, chunk_size, tile, interpret=False):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes", "interpret"))
+def chunk_grads(v, k, q, do, cs, ein, eout, h_in, g_out, s, *, chunk_size, block_sizes=BlockSizes(), interpret=False):
     """dv [B,Tp,H,P] in v's dtype, dk, dq [B,Tp,G,N] in q's dtype (summed over the heads of
     a group in float32 inside the kernel: one program per (batch, group, chunk, tile) loops
     over its group's heads), and the per-token parts of da (into, out_of [B,H,Tp] f32):
@@ -361,7 +358,7 @@ def chunk_grads(v, k, q, do, cs, ein, eout, h_in, g_out, s, *, chunk_size, tile,
                          f"{v.shape}, {do.shape}, {q.shape}, {k.shape}")
     rh = h // g
     L = chunk_size
-    bt, nb = _tiling(L, tile)
+    bt, nb = _tiling(L, block_sizes.tile)
     group_chunk = pl.BlockSpec((None, L, None, n), lambda i, j, c, t: (i, c, j, 0))
     heads_chunk = pl.BlockSpec((None, L, rh, p), lambda i, j, c, t: (i, c, j, 0))
     heads_row = pl.BlockSpec((None, rh, L), lambda i, j, c, t: (i, j, c))
@@ -383,7 +380,7 @@ def chunk_grads(v, k, q, do, cs, ein, eout, h_in, g_out, s, *, chunk_size, tile,
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, p), v.dtype), jax.ShapeDtypeStruct((b, tp, g, n), k.dtype),
                    jax.ShapeDtypeStruct((b, tp, g, n), q.dtype), jax.ShapeDtypeStruct((b, h, tp), _F32),
                    jax.ShapeDtypeStruct((b, h, tp), _F32)],
-        compiler_params=_params("grads"),
+        compiler_params=_params(block_sizes, "grads"),
         cost_estimate=pl.CostEstimate(
             flops=b * h * tp * ((L + bt) * (3 * n + 3 * p) + 10 * p * n),
             transcendentals=b * h * tp * (L + bt),

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import chunk_segments, default_interpret, pad_segments, pad_time, segment_index
+from pallas_kernels.ssd.block_sizes import BlockSizes
 from pallas_kernels.ssd.reference import check_shapes, process_dt, ssd_reference
 from pallas_kernels.ssd.xla import ssd_xla
 
@@ -158,35 +159,35 @@ def _gpu_operands(v, a, k, q, h0, seg, L):
     return v, k, q, h0, _decay_rows(a, seg, L)
 
 
-def _gpu_states(v, k, h0, rows, L, out_dtype, interpret):
+def _gpu_states(v, k, h0, rows, L, out_dtype, interpret, block_sizes):
     """(state entering each chunk [B,H,nc,P,N] in out_dtype, final state f32)."""
     from pallas_kernels.ssd import gpu
 
     cs, ein, eout, carry, s = rows
-    local = gpu.chunk_states(v, k, eout, chunk_size=L, tile=gpu.BLOCKS["tile"], interpret=interpret)
-    return gpu.state_pass(local, carry, h0, out_dtype=out_dtype, interpret=interpret)
+    local = gpu.chunk_states(v, k, eout, chunk_size=L, block_sizes=block_sizes, interpret=interpret)
+    return gpu.state_pass(local, carry, h0, out_dtype=out_dtype, interpret=interpret, block_sizes=block_sizes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret, block_sizes):
     """The core on the GPU kernels: arguments as _core_call with v per head and one grouping
     of q and k; o and the final state in float32."""
     from pallas_kernels.ssd import gpu
 
     t, p, n = a.shape[1], v.shape[-1], k.shape[-1]
     v, k, q, h0, rows = _gpu_operands(v, a, k, q, h0, seg, chunk_size)
-    h_in, hT = _gpu_states(v, k, h0, rows, chunk_size, q.dtype, interpret)
+    h_in, hT = _gpu_states(v, k, h0, rows, chunk_size, q.dtype, interpret, block_sizes)
     cs, ein, _, _, s = rows
-    o = gpu.chunk_outputs(v, k, q, cs, ein, h_in, s, chunk_size=chunk_size, tile=gpu.BLOCKS["tile"],
+    o = gpu.chunk_outputs(v, k, q, cs, ein, h_in, s, chunk_size=chunk_size, block_sizes=block_sizes,
                           interpret=interpret)
     return o[:, :t, :, :p], hT[:, :, :p, :n]
 
 
-def _core_gpu_fwd(v, a, k, q, h0, seg, chunk_size, interpret):
-    return _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret), (v, a, k, q, h0, seg)
+def _core_gpu_fwd(v, a, k, q, h0, seg, chunk_size, interpret, block_sizes):
+    return _core_gpu(v, a, k, q, h0, seg, chunk_size, interpret, block_sizes), (v, a, k, q, h0, seg)
 
 
-def _core_gpu_bwd(chunk_size, interpret, res, cts):
+def _core_gpu_bwd(chunk_size, interpret, block_sizes, res, cts):
     from pallas_kernels.ssd import gpu
 
     v, a, k, q, h0, seg = res
@@ -196,17 +197,16 @@ def _core_gpu_bwd(chunk_size, interpret, res, cts):
     vp, kp, qp, h0p, rows = _gpu_operands(v, a, k, q, h0, seg, L)
     cs, ein, eout, carry, s = rows
     # States in float32 here: they enter da through sums that bf16 would bias (see gpu.py).
-    h_in, _ = _gpu_states(vp, kp, h0p, rows, L, jnp.float32, interpret)
+    h_in, _ = _gpu_states(vp, kp, h0p, rows, L, jnp.float32, interpret, block_sizes)
     do_p = _pad_last(pad_time(do.astype(v.dtype), L), vp.shape[-1])
     dhT_p = jnp.pad(dhT, ((0, 0), (0, 0), (0, vp.shape[-1] - p), (0, kp.shape[-1] - n)))
     # Each chunk's gradient of its entering state, then the reverse scan: g_out[c] is the
     # gradient of the state leaving chunk c, the scan's end the gradient of h0.
-    tile = gpu.BLOCKS["tile"]
-    local = gpu.chunk_states(do_p, qp, ein, chunk_size=L, tile=tile, fine=True, interpret=interpret)
+    local = gpu.chunk_states(do_p, qp, ein, chunk_size=L, block_sizes=block_sizes, fine=True, interpret=interpret)
     g_out, dh0 = gpu.state_pass(local, carry, dhT_p, out_dtype=jnp.float32, reverse=True,
-                                interpret=interpret)
+                                interpret=interpret, block_sizes=block_sizes)
     dv, dk, dq, into, out_of = gpu.chunk_grads(vp, kp, qp, do_p, cs, ein, eout, h_in, g_out, s,
-                                               chunk_size=L, tile=tile, interpret=interpret)
+                                               chunk_size=L, block_sizes=block_sizes, interpret=interpret)
     b, h, tp = into.shape
     into, out_of = into.reshape(b, h, tp // L, L), out_of.reshape(b, h, tp // L, L)
     da = jax.lax.cumsum(into, axis=3, reverse=True) + jnp.cumsum(out_of, axis=3) - out_of
@@ -220,17 +220,18 @@ _core_gpu.defvjp(_core_gpu_fwd, _core_gpu_bwd)
 
 def ssd_pallas(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
                output_final_state=False, segment_ids=None, chunk_size=64, interpret=None,
-               platform=None):
-    """The Pallas path. platform "gpu" (Triton) or "tpu" (Mosaic); None: the current backend's
-    (the GPU kernel when interpreting on CPU)."""
+               backend=None, block_sizes=None):
+    """The Pallas path. backend "gpu" (Triton) or "tpu" (Mosaic); None: the running platform's
+    (the GPU kernel when interpreting on CPU). block_sizes: the GPU kernels' launch
+    parameters (None: the committed `BlockSizes()`)."""
     check_shapes(x, dt, A, B, C, D, initial_state, segment_ids)
-    if platform is None:
-        platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    if platform not in ("gpu", "tpu"):
-        raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
-    if platform == "gpu" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+    if backend is None:
+        backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}")
+    if backend == "gpu" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"the GPU kernel needs chunk_size a power of two >= 16, got {chunk_size}")
-    if platform == "tpu" and chunk_size % 16:
+    if backend == "tpu" and chunk_size % 16:
         raise ValueError(f"the TPU kernel needs chunk_size a multiple of 16, got {chunk_size}")
     interpret = default_interpret(interpret)
     b, t, h, p = x.shape
@@ -244,8 +245,9 @@ def ssd_pallas(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initi
           else initial_state.astype(jnp.float32))
     seg = None if segment_ids is None else segment_index(segment_ids)
     Bc, Cc = B.astype(x.dtype), C.astype(x.dtype)
-    if platform == "gpu":
-        o, final = _core_gpu(u, a, Bc, Cc, h0, seg, chunk_size, interpret)
+    if backend == "gpu":
+        block_sizes = BlockSizes() if block_sizes is None else block_sizes
+        o, final = _core_gpu(u, a, Bc, Cc, h0, seg, chunk_size, interpret, block_sizes)
     else:
         o, final = _core(u, a, Bc, Cc, h0, seg, chunk_size, interpret)
     if D is not None:
@@ -259,11 +261,10 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=False, initial_stat
         output_final_state=False, segment_ids=None, chunk_size=64, interpret=None, impl="auto"):
     """SSD (Mamba2) scan. See docs/DESIGN.md "Interfaces" for shapes; returns (y, final_state or None).
 
-    impl "auto": the fastest measured form for the platform: the chunk-parallel Pallas
-    kernels on GPU (BENCHMARKS.md "Kernels: SSD": on an H100 at T = 8K-16K, 2.8-9x
-    faster than the XLA form, fwd+bwd fastest at chunk_size 128), the chunked XLA form on TPU
-    (its Mosaic kernel is not measured) and CPU, and Pallas in interpret mode when
-    `interpret` is set; "reference": the per-step scan.
+    impl "auto": the fastest measured form for the platform (BENCHMARKS.md, "Kernels:
+    SSD"): the chunk-parallel Pallas kernels on GPU, the chunked XLA form on TPU (its
+    Mosaic kernel is not measured) and CPU, and Pallas in interpret mode when `interpret`
+    is set; "reference": the per-step scan.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

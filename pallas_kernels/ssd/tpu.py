@@ -55,8 +55,10 @@ def cost(b, h, tp, n, p, L, itemsize):
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
 def core_pallas_tpu(v, a, k, q, h0, s, sp, *, chunk_size, interpret=False):
-    """Same arguments and results as gpu.core_pallas_gpu (token-major layouts);
-    the head-major relayout happens here."""
+    """The core (xla.core) on one chunk-walking kernel: v [B,Tp,Hv,P], a [B,H,Tp] f32,
+    k [B,Tp,Gk,N], q [B,Tp,Gq,N] (one dtype), h0 [B,H,P,N] f32, s / sp [B,Tp] f32 segment
+    index of each token and of the token before it (or None), time padded to whole chunks.
+    Returns (o [B,Tp,H,P] f32, final state [B,H,P,N] f32); the head-major relayout happens here."""
     b, h, tp = a.shape
     p, n = v.shape[-1], k.shape[-1]
     L = chunk_size

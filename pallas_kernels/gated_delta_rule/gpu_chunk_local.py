@@ -1,23 +1,21 @@
 """Pallas GPU kernels (Triton lowering) for the chunk-parallel part of the chunked gated
-delta rule, and the whole op on GPU (`gated_delta_rule`) built from them and from the
-state walks of gpu.py. Every kernel runs one program per (batch*head, chunk[, V block])
-and reads its chunk of q, k, v, g, beta straight from the [B, Tp, H, D] layout (a
-strided block, no transpose in XLA).
+delta rule: everything local to a chunk (what `xla.prepare` computes), its reverse, and
+the op's output from the states. Every kernel runs one program per (batch*head,
+chunk[, V block]) and reads its chunk of q, k, v, g, beta straight from the
+[B, Tp, H, D] layout (a strided block, no transpose in XLA).
 
-    wy     L = beta K K^T . exp(G_i - G_j) (strictly lower, same segment), G = cumsum g,
-           T = (I + L)^-1,  w = T (beta e^G carry_in k),  u = T (beta v),
-           kg = e^(G_last - G) carry_out k
-    out    o = qg S + aqk v_new from the state S entering the chunk and v_new (the walk's),
-           forming aqk and qg here from q, k and g rather than reading them
-    local  aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment),  qg = scale e^G q
-           (the backward's operands; the forward forms them inside `out`)
-    bwd    the reverse of local and wy
+    wy           L = beta K K^T . exp(G_i - G_j) (strictly lower, same segment), G = cumsum g,
+                 T = (I + L)^-1,  w = T (beta e^G carry_in k),  u = T (beta v),
+                 kg = e^(G_last - G) carry_out k
+    output       o = qg S + aqk v_new from the state S entering the chunk and v_new (the
+                 walk's), forming aqk and qg here from q, k and g rather than reading them
+    aqk_qg       aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment),  qg = scale e^G q
+                 (the backward's operands; the forward forms them inside `output`)
+    prepare_bwd  the reverse of aqk_qg and wy
 
-The op's forward is wy, the walk (gpu.recurrence_states), out: three launches, and
-aqk, qg never go through memory. Outside autodiff wy skips T, which only the backward
-reads. The backward walks again, runs local, the reverse walk and the recurrence's
-parallel gradients (gpu.py), then bwd. `prepare` (local and wy behind their own VJP, the
-contract of `xla.prepare`) is the unit the tests and benchmarks hold against xla.prepare.
+gpu_op.py runs the whole op from these and the state walks of gpu_recurrence.py.
+`prepare` (aqk_qg and wy behind their own VJP, the contract of `xla.prepare`) is the
+unit the tests and benchmarks hold against xla.prepare. Launch parameters: `BlockSizes`.
 
 The wy kernel holds L and T as 16 x 16 register tiles, one per block (Triton cannot
 slice a register tile, so each block of L is its own K_a K_b^T product of key rows read
@@ -51,14 +49,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import chunk_segments, pad_time
-from pallas_kernels.gated_delta_rule import gpu
-from pallas_kernels.gated_delta_rule.gpu import check_power_of_two
-from pallas_kernels.gated_delta_rule.xla import Chunked, chunk_output
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from pallas_kernels.gated_delta_rule.chunk_math import Chunked, chunk_output
+from pallas_kernels.gated_delta_rule.gpu_recurrence import check_power_of_two, output_block
 
-# Warps per program of each kernel (nothing here loops over memory, so one stage), from
-# the sweeps of `bench_kernels.py --tune prepare` (BENCHMARKS.md). The backward's (None)
-# depend on the head width: see `num_warps`.
-BLOCKS = dict(local=4, wy=2, out=4, bwd=None)
 SUB = 16  # side of the blocks T is built from (Triton's smallest dot)
 # Widest K or V the op sends here by default (ops.py): the kernels hold whole [C, K] and
 # [C, V] float32 tiles, which at K = 256 or V = 512 would not fit in registers. Measured
@@ -131,15 +125,15 @@ def _scale_rows(x, s, dtype):
     return (s[:, None] * x.astype(_F32)).astype(dtype)
 
 
-def _local_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
+def _aqk_qg_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
     seg_refs, (aqk_ref, qg_ref) = _split(refs, has_seg)
     gt = _Gates(g_ref, None, seg_refs)
-    aqk, qg = _local_tiles(gt, q_ref[...], k_ref[...], scale, aqk_ref.dtype)
+    aqk, qg = _aqk_qg_tiles(gt, q_ref[...], k_ref[...], scale, aqk_ref.dtype)
     aqk_ref[...] = aqk
     qg_ref[...] = qg.astype(qg_ref.dtype)
 
 
-def _local_tiles(gt, q, k, scale, dtype):
+def _aqk_qg_tiles(gt, q, k, scale, dtype):
     """aqk = scale (Q K^T) . exp(G_i - G_j) (causal, same segment) and qg = scale e^G
     carry_in q of one chunk, in dtype."""
     _, causal = gt.pair_decays()
@@ -147,12 +141,12 @@ def _local_tiles(gt, q, k, scale, dtype):
     return aqk, _scale_rows(q, gt.carry_in(scale * gt.eg), dtype)
 
 
-def _out_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
+def _output_kernel(q_ref, k_ref, g_ref, *refs, scale, has_seg):
     """o = qg S + aqk v_new of one chunk and block of V columns, with aqk and qg formed
     here from q, k and the gates rather than read from memory."""
     seg_refs, (h_ref, vn_ref, o_ref) = _split(refs, has_seg)
     gt = _Gates(g_ref, None, seg_refs)
-    aqk, qg = _local_tiles(gt, q_ref[...], k_ref[...], scale, vn_ref.dtype)
+    aqk, qg = _aqk_qg_tiles(gt, q_ref[...], k_ref[...], scale, vn_ref.dtype)
     o_ref[...] = chunk_output(h_ref[...], qg, aqk, vn_ref[...]).astype(o_ref.dtype)
 
 
@@ -315,26 +309,18 @@ def _chunk_specs(c, dims):
     return [pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0)) for d in dims]
 
 
-def num_warps(name, width):
-    """Warps of kernel `name` at head width max(K, V): BLOCKS[name], or for the backward
-    (None) 4 up to width 64 and 8 above. At K = V = 128 it spills 96 bytes a thread with
-    8 warps against 1192 with 4 (tools/triton_resources.py), and the op's fwd+bwd took
-    2.596 against 2.945 ms on an H100; at 64, 8 warps were slower, 2.433 against 2.109 ms."""
-    warps = BLOCKS[name]
-    return warps if warps is not None else (4 if width <= 64 else 8)
-
-
-def _call(kernel, name, width, grid, in_specs, out_specs, out_shape, flops, nbytes, transcendentals, interpret):
+def _call(kernel, name, num_warps, grid, in_specs, out_specs, out_shape, flops, nbytes, transcendentals, interpret):
+    # Nothing here loops over memory: one pipeline stage.
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps(name, width), num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=nbytes),
         interpret=interpret,
-        name=f"gdn_prepare_{name}",
+        name=name,
     )
 
 
@@ -348,7 +334,7 @@ def _gate_bytes(b, h, tp, has_seg, gates=2):
     return b * h * tp * 4 * gates + (12 * b * tp if has_seg else 0)
 
 
-def local(q, k, g, segs, *, chunk_size, scale, out_dtype, interpret=False):
+def aqk_qg(q, k, g, segs, *, chunk_size, scale, out_dtype, interpret=False, block_sizes=BlockSizes()):
     """q, k: [B, Tp, H, K]; g: [B, Tp, H] float32; segs: None or (segment index int32,
     carry_in float32, carry_out float32), each [B, Tp]. Returns aqk [BH, Tp, C] and
     qg [BH, Tp, K], head-major, in out_dtype."""
@@ -358,7 +344,8 @@ def local(q, k, g, segs, *, chunk_size, scale, out_dtype, interpret=False):
     has_seg = segs is not None
     bht, isz, osz = b * h * tp, q.dtype.itemsize, jnp.dtype(out_dtype).itemsize
     return _call(
-        functools.partial(_local_kernel, scale=scale, has_seg=has_seg), "local", dk, (b * h, tp // c),
+        functools.partial(_aqk_qg_kernel, scale=scale, has_seg=has_seg), "gdn_aqk_qg", block_sizes.aqk_qg_warps,
+        (b * h, tp // c),
         _token_specs(b, h, c, (dk, dk, None), has_seg), _chunk_specs(c, (c, dk)),
         [jax.ShapeDtypeStruct((b * h, tp, d), out_dtype) for d in (c, dk)],
         flops=2 * bht * c * dk, nbytes=_gate_bytes(b, h, tp, has_seg, 1) + bht * (2 * isz * dk + osz * (c + dk)),
@@ -366,9 +353,9 @@ def local(q, k, g, segs, *, chunk_size, scale, out_dtype, interpret=False):
     )(q, k, g, *(segs or ()))
 
 
-def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=False):
+def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=False, block_sizes=BlockSizes()):
     """k: [B, Tp, H, K], v: [B, Tp, H, V] (one dtype); g and beta [B, Tp, H] float32; segs
-    as in `local`. Returns
+    as in `aqk_qg`. Returns
     T = (I + L)^-1 per chunk [BH, Tp, C] in k's dtype (for the backward; None without
     keep_t, which saves its writes), and w, kg [BH, Tp, K] and u [BH, Tp, V], head-major,
     in out_dtype."""
@@ -382,7 +369,8 @@ def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=Fal
     bs = _sub(c)
     dims = (c, dk, dv, dk) if keep_t else (dk, dv, dk)
     outs = _call(
-        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg, keep_t=keep_t), "wy", max(dk, dv), (b * h, tp // c),
+        functools.partial(_wy_kernel, bs=bs, has_seg=has_seg, keep_t=keep_t), "gdn_wy", block_sizes.wy_warps,
+        (b * h, tp // c),
         _token_specs(b, h, c, (dk, dv, None, None), has_seg), _chunk_specs(c, dims),
         [shape(c, k.dtype)] * keep_t + [shape(dk), shape(dv), shape(dk)],
         flops=bht * (2 * c * dk + c * (c + bs) + 2 * c * (dk + dv)),
@@ -392,16 +380,16 @@ def wy(k, v, g, beta, segs, *, chunk_size, out_dtype, keep_t=True, interpret=Fal
     return outs if keep_t else (None, *outs)
 
 
-def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interpret=False):
+def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interpret=False, block_sizes=BlockSizes()):
     """The op's output o = qg S + aqk v_new per chunk, with qg and aqk formed in the kernel
-    from q, k [B, Tp, H, K] and g [B, Tp, H] (segs as in `local`) instead of read from
+    from q, k [B, Tp, H, K] and g [B, Tp, H] (segs as in `aqk_qg`) instead of read from
     memory. states: the state entering each chunk [BH, N, K, V]; v_new: [BH, Tp, V] (one
     dtype, the products' operands). Returns o [B, Tp, H, V] in out_dtype, one program per
     (batch*head, chunk, block of V columns)."""
     b, tp, h, dk = q.shape
     dv = v_new.shape[-1]
     c = chunk_size
-    bv = gpu.out_block(dv)
+    bv = output_block(dv, block_sizes)
     check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     has_seg = segs is not None
     in_specs = _token_specs(b, h, c, (dk, dk, None), has_seg) + [
@@ -410,7 +398,8 @@ def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interp
     ]
     bht, isz = b * h * tp, v_new.dtype.itemsize
     return _call(
-        functools.partial(_out_kernel, scale=scale, has_seg=has_seg), "out", dk, (b * h, tp // c, dv // bv),
+        functools.partial(_output_kernel, scale=scale, has_seg=has_seg), "gdn_output", block_sizes.output_warps,
+        (b * h, tp // c, dv // bv),
         in_specs, pl.BlockSpec((None, c, None, bv), lambda i, j, m: (i // h, j, i % h, m)),
         jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype),
         flops=2 * bht * (c * dk * dv // bv + dv * (dk + c)),
@@ -420,8 +409,9 @@ def output(q, k, g, segs, states, v_new, *, chunk_size, scale, out_dtype, interp
     )(q, k, g, *(segs or ()), states, v_new)
 
 
-def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chunk_size, scale, interpret=False):
-    """Reverse of `local` and `wy` given wy's T, w and u: cotangents of w, u, qg, aqk, kg
+def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chunk_size, scale, interpret=False,
+                block_sizes=BlockSizes()):
+    """Reverse of `aqk_qg` and `wy` given wy's T, w and u: cotangents of w, u, qg, aqk, kg
     ([BH, Tp, ...]) to dq, dk, dv ([B, Tp, H, ...], q's dtype) and dg, dbeta ([B, Tp, H] float32)."""
     b, tp, h, dk = q.shape
     dv = v.shape[-1]
@@ -436,25 +426,26 @@ def prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, du, dqg, daqk, dkg, *, chun
     flops = 2 * bht * c * (5 * dk + 3 * dv)
     nbytes = bht * (2 * isz * (2 * dk + dv) + 16 + isz * c + dw.dtype.itemsize * (5 * dk + 3 * dv + c))
     return _call(
-        functools.partial(_bwd_kernel, scale=scale, has_seg=has_seg), "bwd", max(dk, dv), (b * h, tp // c), in_specs,
+        functools.partial(_bwd_kernel, scale=scale, has_seg=has_seg), "gdn_prepare_bwd",
+        block_sizes.prepare_bwd_warps_at(max(dk, dv)), (b * h, tp // c), in_specs,
         _token_specs(b, h, c, (dk, dk, dv, None, None), False), out_shape,
         flops=flops, nbytes=nbytes, transcendentals=bht * (c + 2), interpret=interpret,
     )(q, k, v, g, beta, *(segs or ()), t, w, u, dw, du, dqg, daqk, dkg)
 
 
-def _dsegs(segs):
+def segment_cotangents(segs):
     """Cotangents of segs (the integer index and the masks get none)."""
     return None if segs is None else tuple(jnp.zeros_like(x) if x.dtype == _F32 else None for x in segs)
 
 
 @functools.lru_cache(maxsize=None)
-def _prepare_op(chunk_size: int, scale: float, out_dtype, interpret: bool):
+def _prepare_op(chunk_size: int, scale: float, out_dtype, interpret: bool, block_sizes: BlockSizes):
     """custom_vjp of (q, k, v, g, beta, segs) -> (w, u, qg, aqk, kg), arguments as in
-    `local` and `wy`."""
-    kw = dict(chunk_size=chunk_size, interpret=interpret)
+    `aqk_qg` and `wy`."""
+    kw = dict(chunk_size=chunk_size, interpret=interpret, block_sizes=block_sizes)
 
     def run(q, k, v, g, beta, segs):
-        aqk, qg = local(q, k, g, segs, scale=scale, out_dtype=out_dtype, **kw)
+        aqk, qg = aqk_qg(q, k, g, segs, scale=scale, out_dtype=out_dtype, **kw)
         t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=out_dtype, **kw)
         return (w, u, qg, aqk, kg), t
 
@@ -467,13 +458,13 @@ def _prepare_op(chunk_size: int, scale: float, out_dtype, interpret: bool):
         return outs, (q, k, v, g, beta, segs, t, outs[0], outs[1])
 
     def bwd(res, cts):
-        return (*prepare_bwd(*res, *cts, scale=scale, **kw), _dsegs(res[5]))
+        return (*prepare_bwd(*res, *cts, scale=scale, **kw), segment_cotangents(res[5]))
 
     op.defvjp(fwd, bwd)
     return op
 
 
-def _operands(q, k, v, g, beta, segment_ids, c):
+def kernel_operands(q, k, v, g, beta, segment_ids, c):
     """Inputs padded to a multiple of c in the kernels' dtypes, the chunk decays
     exp(G_last) [B, H, N] (0 across a segment start) and the segment masks."""
     b, t, h, _ = q.shape
@@ -492,69 +483,15 @@ def _operands(q, k, v, g, beta, segment_ids, c):
     return q, k, v, g, beta, jnp.moveaxis(decay, 2, 1), segs
 
 
-def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None, interpret=False):
+def prepare(q, k, v, g, beta, *, scale, segment_ids, chunk_size, operand_dtype=None, interpret=False,
+            block_sizes=BlockSizes()):
     """Same contract and result as `xla.prepare` (pads T inside), differentiable in
     q, k, v, g, beta through the kernels above. (The op itself runs them through
-    `gated_delta_rule`; this is their unit, tested and timed against xla.prepare.)"""
+    `gpu_op.gated_delta_rule`; this is their unit, tested and timed against xla.prepare.)"""
     b, t, h, _ = q.shape
     c = chunk_size
     od = jnp.dtype(operand_dtype or v.dtype)
-    q, k, v, g, beta, decay, segs = _operands(q, k, v, g, beta, segment_ids, c)
+    q, k, v, g, beta, decay, segs = kernel_operands(q, k, v, g, beta, segment_ids, c)
     n = decay.shape[-1]
-    outs = _prepare_op(c, float(scale), od, bool(interpret))(q, k, v, g, beta, segs)
+    outs = _prepare_op(c, float(scale), od, bool(interpret), block_sizes)(q, k, v, g, beta, segs)
     return Chunked(*(x.reshape(b, h, n, c, x.shape[-1]) for x in outs), decay)
-
-
-@functools.lru_cache(maxsize=None)
-def _op(chunk_size: int, scale: float, interpret: bool):
-    """custom_vjp of (q, k, v, g, beta, decay, h0, segs) -> (o [B, Tp, H, V], final state
-    [BH, K, V] float32); arguments padded as by `_operands`, decay [BH, N], h0 [BH, K, V]."""
-    kw = dict(chunk_size=chunk_size, interpret=interpret)
-
-    def run(q, k, v, g, beta, decay, h0, segs, keep_t=True):
-        t, w, u, kg = wy(k, v, g, beta, segs, out_dtype=v.dtype, keep_t=keep_t, **kw)
-        states, v_new, ht = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
-        o = output(q, k, g, segs, states, v_new, scale=scale, out_dtype=v.dtype, **kw)
-        return (o, ht), (t, w, u, kg)
-
-    @jax.custom_vjp
-    def op(q, k, v, g, beta, decay, h0, segs):
-        return run(q, k, v, g, beta, decay, h0, segs, keep_t=False)[0]  # no gradient: T is not needed
-
-    def fwd(q, k, v, g, beta, decay, h0, segs):
-        outs, saved = run(q, k, v, g, beta, decay, h0, segs)
-        return outs, (q, k, v, g, beta, decay, h0, segs, *saved)
-
-    def bwd(res, cts):
-        q, k, v, g, beta, decay, h0, segs, t, w, u, kg = res
-        do, dht = cts
-        b, tp, h, dv = do.shape
-        do = jnp.moveaxis(do.astype(w.dtype), 2, 1).reshape(b * h, tp, dv)  # head-major
-        # The states entering each chunk and v_new again (not kept from the forward), and
-        # aqk, qg, which the forward formed inside its output kernel.
-        states, v_new, _ = gpu.recurrence_states(w, u, kg, decay, h0, **kw)
-        aqk, qg = local(q, k, g, segs, scale=scale, out_dtype=w.dtype, **kw)
-        dstates, dv_new, dh0 = gpu.recurrence_bwd(w, qg, aqk, kg, decay, do, dht.astype(_F32), **kw)
-        dqg, daqk, dkg, dw, ddecay = gpu.recurrence_grads(do, states, v_new, dstates, dv_new, **kw)
-        grads = prepare_bwd(q, k, v, g, beta, segs, t, w, u, dw, dv_new, dqg, daqk, dkg, scale=scale, **kw)
-        return (*grads, ddecay.astype(decay.dtype), dh0, _dsegs(segs))
-
-    op.defvjp(fwd, bwd)
-    return op
-
-
-def gated_delta_rule(q, k, v, g, beta, h0, *, scale, segment_ids, chunk_size, interpret=False):
-    """The whole op on GPU, head dims up to MAX_WIDTH: q, k [B, T, H, K], v [B, T, H, V],
-    g, beta [B, T, H], h0 [B, H, K, V] float32 or None. Returns o [B, T, H, V] in v's
-    dtype (the kernels' operand dtype) and the final state [B, H, K, V] float32.
-
-    Forward: `wy` (T, w, u, kg), the state walk (`gpu.recurrence_states`), `output`.
-    Backward: the walk again, `local` (aqk, qg), the reverse walk and the recurrence's
-    parallel gradients (gpu.py), then `prepare_bwd`. The chunk decays stay in XLA."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    c = chunk_size
-    q, k, v, g, beta, decay, segs = _operands(q, k, v, g, beta, segment_ids, c)
-    h0 = jnp.zeros((b * h, dk, dv), _F32) if h0 is None else h0.astype(_F32).reshape(b * h, dk, dv)
-    o, ht = _op(c, float(scale), bool(interpret))(q, k, v, g, beta, decay.reshape(b * h, -1), h0, segs)
-    return o[:, :t], ht.reshape(b, h, dk, dv)

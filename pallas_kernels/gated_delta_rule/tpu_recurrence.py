@@ -1,6 +1,6 @@
 """Pallas TPU (Mosaic) kernels for the sequential part of the chunked gated delta rule.
 
-Same contract as `gpu.py` (state recurrence across chunks and its reverse), laid out
+Same contract as `gpu_recurrence.py` (state recurrence across chunks and its reverse), laid out
 for Mosaic: the chunk axis is the last, "arbitrary" grid dimension, so each step
 gets one chunk's tiles in VMEM (a whole sequence would not fit) and the [K, BV]
 float32 state lives in a VMEM scratch buffer between steps. Block shapes are legal
@@ -17,11 +17,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.gated_delta_rule.xla import chunk_backward_step, chunk_forward_step, einsum, recurrence_cost
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from pallas_kernels.gated_delta_rule.chunk_math import chunk_backward_step, chunk_forward_step, einsum, recurrence_cost
 
 
-def _block_v(dv, block_v):
-    bv = min(block_v, dv)
+def _block_v(dv, block_sizes):
+    bv = min(block_sizes.tpu_block_v, dv)
     if dv % bv or (bv != dv and bv % 128):
         raise ValueError(f"V={dv}: the V block {bv} must divide V and be V itself or a multiple of 128")
     return bv
@@ -57,13 +58,13 @@ def _fwd_kernel(w_ref, u_ref, qg_ref, aqk_ref, kg_ref, decay_ref, h0_ref, o_ref,
 
 
 def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False,
-                   block_v=128):
-    """See gpu.recurrence_fwd (same arguments and results)."""
+                   block_sizes=BlockSizes()):
+    """See gpu_recurrence.recurrence_fwd (same arguments and results)."""
     bh, tp, dk = w.shape
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv, block_v)
+    bv = _block_v(dv, block_sizes)
     od = u.dtype
     row = lambda d: pl.BlockSpec((None, c, d), lambda b, j, i: (b, i, 0))
     col = pl.BlockSpec((None, c, bv), lambda b, j, i: (b, i, j))
@@ -86,7 +87,7 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=_interpret(interpret),
-        name="gdn_chunk_fwd",
+        name="gdn_recurrence_fwd",
     )(w, u, qg, aqk, kg, decay.reshape(bh, n, 1, 1), h0)
 
 
@@ -111,13 +112,13 @@ def _bwd_kernel(w_ref, qg_ref, aqk_ref, kg_ref, decay_ref, do_ref, dht_ref, dh_r
         dh0_ref[...] = ds.astype(dh0_ref.dtype)
 
 
-def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=128):
-    """See gpu.recurrence_bwd (same arguments and results)."""
+def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_sizes=BlockSizes()):
+    """See gpu_recurrence.recurrence_bwd (same arguments and results)."""
     bh, tp, dk = w.shape
     dv_dim = do.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv_dim, block_v)
+    bv = _block_v(dv_dim, block_sizes)
     od = w.dtype
     rev = lambda i: n - 1 - i
     row = lambda d: pl.BlockSpec((None, c, d), lambda b, j, i: (b, rev(i), 0))
@@ -140,13 +141,13 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=_interpret(interpret),
-        name="gdn_chunk_bwd",
+        name="gdn_recurrence_bwd",
     )(w, qg, aqk, kg, decay.reshape(bh, n, 1, 1), do, dht)
 
 
-def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
-    """Same contract as `gpu.recurrence_grads`, as batched XLA products over all chunks."""
-    del interpret
+def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False, block_sizes=BlockSizes()):
+    """Same contract as `gpu_recurrence.recurrence_grads`, as batched XLA products over all chunks."""
+    del interpret, block_sizes
     bh, n, dk, _ = h.shape
     c = chunk_size
     chunks = lambda x: x.reshape(bh, n, c, x.shape[-1])

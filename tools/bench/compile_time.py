@@ -1,18 +1,15 @@
 """Compile time of the distillation train steps (and of their parts), on this machine.
 
-Builds the SmolLM2-135M teacher and the hybrid student of outputs/hylo_smollm2 (only
-config.json is read; the models are abstract, built with nnx.eval_shape, so no weights
-are loaded), then lowers and compiles the stage-1 ("align") and stage-2 ("kl") steps
-exactly as hylo_jax/distill/train.py builds them (`train.build_step`: one jit with
-shardings, donated params and optimizer state, teacher inside the step). For each it
-prints the lower time, the compile time and the size of the optimized HLO (count of
-instructions). `--split` also compiles each step's loss + gradients and its optimizer
-update on their own. `--parts` also times the pieces: one GDN layer and one MLA layer
-(forward + backward, rematerialised as in the stage), the chunked KL loss alone, and
-the teacher's forward alone.
-
-  .venv/bin/python tools/bench_compile.py [--batch 1] [--seq 512] [--dtype bfloat16]
-      [--remat full] [--stages align,kl] [--split] [--parts] [--config outputs/hylo_smollm2/config.json]
+Builds the teacher and the hybrid student of a student config.json (only that file is
+read; the models are abstract, built with nnx.eval_shape, so no weights are loaded),
+then lowers and compiles the stage-1 ("align") and stage-2 ("kl") steps exactly as
+hylo_jax/distill/train.py builds them (`train.build_step`: one jit with shardings,
+donated params and optimizer state, teacher inside the step). Each row: the lower time,
+the compile time (wall and CPU), the size of the optimized HLO (count of instructions)
+and the temporary memory it asks for. `--split` also compiles each step's loss +
+gradients and its optimizer update on their own; `--parts` also times the pieces: one
+GDN layer and one MLA layer (forward + backward, rematerialised as in the stage), the
+chunked KL loss alone, and the teacher's forward alone.
 
 The persistent compilation cache is off, so every number is a cold compile. On CPU the
 GDN kernel is the chunked pure-JAX form (impl "xla"); a GPU run uses the Pallas form.
@@ -20,15 +17,11 @@ GDN kernel is the chunked pure-JAX form (impl "xla"); a GPU run uses the Pallas 
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
-import platform
 import re
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +32,13 @@ from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
 from hylo_jax.distill import losses, train
 from hylo_jax.models import CausalLM
+from tools.bench.harness import REPO, Column, Report, add_report_arguments
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = (Column("name", "what"), Column("lower_s", "lower (s)", "{:.2f}"),
+           Column("compile_s", "compile (s)", "{:.2f}"), Column("compile_cpu_s", "compile CPU (s)", "{:.2f}"),
+           Column("hlo_ops", "HLO ops"), Column("temp_gib", "temp (GiB)", "{:.2f}"))
+
+
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s", re.M)
 
 
@@ -49,7 +47,7 @@ def hlo_ops(compiled) -> int:
     return len(_INSTR.findall(compiled.as_text()))
 
 
-def measure(name: str, jitted, *args) -> dict:
+def measure(report, name: str, jitted, *args) -> None:
     """Lower and compile; wall and CPU seconds (the CPU time of this process is less
     disturbed by other jobs on a shared machine than the wall time)."""
     w0 = time.perf_counter()
@@ -57,15 +55,9 @@ def measure(name: str, jitted, *args) -> dict:
     w1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
     w2, c2 = time.perf_counter(), time.process_time()
-    res = {"name": name, "lower_s": round(w1 - w0, 2), "compile_s": round(w2 - w1, 2),
-           "compile_cpu_s": round(c2 - c1, 2), "hlo_ops": hlo_ops(compiled)}
-    mem = compiled.memory_analysis()
-    if mem is not None:  # what the step needs beyond its arguments (activations, gradients)
-        res["temp_gib"] = round(mem.temp_size_in_bytes / 2**30, 2)
-    print(f"{name:<28} lower {res['lower_s']:6.2f} s   compile {res['compile_s']:6.2f} s "
-          f"(cpu {res['compile_cpu_s']:6.2f} s)   HLO ops {res['hlo_ops']:7d}   temp {res.get('temp_gib', '?')} GiB",
-          flush=True)
-    return res
+    mem = compiled.memory_analysis()  # what the step needs beyond its arguments (activations, gradients)
+    report.row(name=name, lower_s=w1 - w0, compile_s=w2 - w1, compile_cpu_s=c2 - c1, hlo_ops=hlo_ops(compiled),
+               temp_gib=None if mem is None else mem.temp_size_in_bytes / 2**30)
 
 
 def teacher_config(student: ModelConfig) -> ModelConfig:
@@ -90,7 +82,7 @@ def abstract_batch(b, t, sharding):
             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=sharding)}
 
 
-def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
+def bench_stage(report, kind, args, student, teacher, mesh, opt_cfg):
     stage = train.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
                         warmup_steps=1, remat=args.remat, kl_chunk=args.kl_chunk)
     graphdef, params, rest = train.split_student(student)
@@ -100,7 +92,7 @@ def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(stepfn.tx.init, params), stepfn.opt_shardings)
     batch = abstract_batch(args.batch, args.seq, stepfn.batch_sharding)
-    out = [measure(f"stage {kind} step", stepfn.step, params, opt, rest, t_state, batch)]
+    measure(report, f"stage {kind} step", stepfn.step, params, opt, rest, t_state, batch)
     if args.split:  # the step's two halves on their own: loss + gradients, optimizer update
 
         def loss_and_grad(params, rest, t_state, batch):
@@ -113,17 +105,15 @@ def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
             updates, opt = stepfn.tx.update(grads, opt, params)
             return optax.apply_updates(params, updates), opt
 
-        out.append(measure(f"  {kind} loss + grad only", jax.jit(loss_and_grad), params, rest, t_state, batch))
-        out.append(measure(f"  {kind} optimizer only", jax.jit(update), params, opt, params))
-    return out
+        measure(report, f"  {kind} loss + grad only", jax.jit(loss_and_grad), params, rest, t_state, batch)
+        measure(report, f"  {kind} optimizer only", jax.jit(update), params, opt, params)
 
 
-def bench_parts(args, student, teacher, dtype):
+def bench_parts(report, args, student, teacher, dtype):
     b, t, d = args.batch, args.seq, student.config.hidden_size
     h = jax.ShapeDtypeStruct((b, t, d), dtype)
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
     mask = jax.ShapeDtypeStruct((b, t), jnp.float32)
-    out = []
     for kind in ("gdn", "mla"):
         i = student.config.layer_types.index(kind)
         gd, state = nnx.split(student.model.layers[i])
@@ -133,8 +123,7 @@ def bench_parts(args, student, teacher, dtype):
             h_out, mixer_out = losses._layer_call(layer, h, positions, segment_ids, args.remat)
             return jnp.sum(h_out.astype(jnp.float32)) + jnp.sum(mixer_out.astype(jnp.float32))
 
-        out.append(measure(f"one {kind} layer fwd+bwd", jax.jit(jax.grad(layer_loss, argnums=(0, 1))),
-                           state, h, ids, ids))
+        measure(report, f"one {kind} layer fwd+bwd", jax.jit(jax.grad(layer_loss, argnums=(0, 1))), state, h, ids, ids)
 
     gs, s_state = nnx.split(student)
     gt, t_state = nnx.split(teacher)
@@ -144,62 +133,54 @@ def bench_parts(args, student, teacher, dtype):
                                         chunk_size=args.kl_chunk)
         return sums["kl_sum"]
 
-    out.append(measure("chunked KL fwd+bwd", jax.jit(jax.grad(kl_only, argnums=(0, 2))), s_state, t_state, h, h, mask))
+    measure(report, "chunked KL fwd+bwd", jax.jit(jax.grad(kl_only, argnums=(0, 2))), s_state, t_state, h, h, mask)
 
     def teacher_fwd(t_state, ids, positions, segment_ids):
         return nnx.merge(gt, t_state).hidden(ids, positions, segment_ids)
 
-    out.append(measure("teacher forward", jax.jit(teacher_fwd), t_state, ids, ids, ids))
+    measure(report, "teacher forward", jax.jit(teacher_fwd), t_state, ids, ids, ids)
 
     def teacher_collect(t_state, ids, positions, segment_ids):
         return nnx.merge(gt, t_state).model(ids, positions, segment_ids, collect=True)[2]
 
-    out.append(measure("teacher forward (collect)", jax.jit(teacher_collect), t_state, ids, ids, ids))
-    return out
+    measure(report, "teacher forward (collect)", jax.jit(teacher_collect), t_state, ids, ids, ids)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "outputs", "hylo_smollm2", "config.json"))
+def add_arguments(p):
+    p.add_argument("--config", default=os.path.join(REPO, "outputs", "hylo_smollm2", "config.json"),
+                   help="the student's config.json (default: the one `python -m hylo_jax.convert` writes)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="full", choices=tuple(losses.REMAT_POLICIES))
     p.add_argument("--kl-chunk", type=int, default=256)
-    p.add_argument("--stages", default="align,kl")
+    p.add_argument("--stages", default="align,kl", help="comma-separated stage kinds to compile")
     p.add_argument("--parts", action="store_true", help="also time one GDN / MLA layer, the KL, the teacher")
     p.add_argument("--split", action="store_true", help="also time each stage's loss+grad and optimizer alone")
-    p.add_argument("--json", default="", help="append the results as one JSON line to this file")
-    args = p.parse_args(argv)
-    jax.config.update("jax_enable_compilation_cache", False)
+    add_report_arguments(p)
 
+
+def run(args):
+    if not os.path.exists(args.config):
+        raise SystemExit(f"no student config at {args.config}: write one with `python -m hylo_jax.convert` "
+                         "or point --config at a config.json")
+    jax.config.update("jax_enable_compilation_cache", False)
     with open(args.config) as f:
         s_cfg = ModelConfig.from_hf_config(json.load(f))
     dtype = jnp.dtype(args.dtype)
     student = abstract_model(s_cfg, dtype)
     teacher = abstract_model(teacher_config(s_cfg), dtype)
-    print(f"student {s_cfg.layer_types.count('mla')} MLA + {s_cfg.layer_types.count('gdn')} GDN of "
-          f"{s_cfg.num_hidden_layers}; B={args.batch} T={args.seq} {args.dtype} remat={args.remat}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus, "
-          f"load {os.getloadavg()[0]:.1f}); {platform.processor() or platform.machine()}", flush=True)
+    report = Report(COLUMNS, args.json, args.markdown, model=(
+        f"student {s_cfg.layer_types.count('mla')} MLA + {s_cfg.layer_types.count('gdn')} GDN of "
+        f"{s_cfg.num_hidden_layers} layers; B={args.batch} T={args.seq} {args.dtype} remat={args.remat}"))
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_cfg", os.path.join(ROOT, "configs", "distill.py"))
+    spec = importlib.util.spec_from_file_location("distill_cfg", os.path.join(REPO, "configs", "distill.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     opt_cfg = module.get_config().optimizer
     mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
 
-    results = []
     for kind in [k.strip() for k in args.stages.split(",") if k.strip()]:
-        results += bench_stage(kind, args, student, teacher, mesh, opt_cfg)
+        bench_stage(report, kind, args, student, teacher, mesh, opt_cfg)
     if args.parts:
-        results += bench_parts(args, student, teacher, dtype)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"args": vars(args), "load": os.getloadavg()[0], "results": results}) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        bench_parts(report, args, student, teacher, dtype)

@@ -10,10 +10,10 @@ come after, in a kernel with one program per chunk. Both walks (forward and reve
 load the next chunk's tiles while the current chunk's products run. The backward's
 gradients that need no walk (dqg, dAqk, dkg, dw, ddecay) come from one parallel
 kernel, `recurrence_grads`. The chunk-local
-matrices (w, u, qg, Aqk, kg, decay) come from `xla.prepare`; on the op's `gpu_prepare`
-path the walk's come from `gpu_prepare.wy` and the outputs from `gpu_prepare`'s own
-kernel (`gdn_chunk_out` is then not used). Inputs here are flattened head-major:
-[BH, Tp, D], Tp = N * C.
+matrices (w, u, qg, Aqk, kg, decay) come from `xla.prepare`; in the fused GPU op
+(gpu_op.py) the walk's come from `gpu_chunk_local.wy` and the outputs from
+`gpu_chunk_local.output` (`gdn_recurrence_output` is then not used). Inputs here are
+flattened head-major: [BH, Tp, D], Tp = N * C. Launch parameters: `BlockSizes`.
 
 Why Triton lowering rather than Mosaic GPU: the body is a short loop of small dots
 on register tiles, which Triton schedules well and which runs unchanged in
@@ -30,33 +30,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gated_delta_rule.xla import (
-    _dot, chunk_backward_step, chunk_output, chunk_state_step, recurrence_cost,
+from pallas_kernels.gated_delta_rule.block_sizes import BlockSizes
+from pallas_kernels.gated_delta_rule.chunk_math import (
+    chunk_backward_step, chunk_output, chunk_state_step, dot, recurrence_cost,
 )
 
 
-# Launch parameters of the sequential kernels. They load chunk i+1's tiles into registers
-# before chunk i's products (`_walk`), so Triton's own pipelining (num_stages) is off.
-# block_v None: the widest V block that still gives WALK_PROGRAMS programs (`_block_v`).
-BLOCKS = dict(block_v=None, num_warps=4)
-# Programs the walks aim for, about one per SM of an H100 or H200 (132). Each program walks
-# every chunk of one (batch*head, V block): narrower blocks give more programs, but each
-# loads the K-wide tiles (w, kg) again. On an H100 (BENCHMARKS.md), fwd+bwd at B = 1,
-# H = 32, V = 64, T = 16K: V block 16 (128 programs) 2.110 ms, 32 (64) 2.167 ms; at B = 4,
-# T = 8K: 64 (128 programs) 3.453 ms, 32 (256) 3.663 ms, 16 (512) 4.423 ms.
-WALK_PROGRAMS = 128
-# V columns per program of the output kernel: its state block [K, OUT_BLOCK_V] stays a
-# register tile at K = 256 (the whole [K, V] state would not at V = 512).
-OUT_BLOCK_V = 64
-
-
-def out_block(dv):
-    """OUT_BLOCK_V, or the whole V when it does not divide it."""
-    return OUT_BLOCK_V if dv % OUT_BLOCK_V == 0 else dv
+def output_block(dv, block_sizes):
+    """V columns per program of the output kernels: block_sizes.output_block_v, or the
+    whole V when it does not divide it."""
+    bv = block_sizes.output_block_v
+    return bv if dv % bv == 0 else dv
 
 
 def _compiler_params(num_warps):
-    return plgpu.CompilerParams(num_warps=num_warps or BLOCKS["num_warps"], num_stages=1)
+    # Each walk loads chunk i+1's tiles into registers before chunk i's products (`_walk`),
+    # and no other kernel here loops over memory: Triton's own pipelining is off.
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _walk(n_chunks, load, step, init, *, reverse=False):
@@ -83,13 +73,13 @@ def check_power_of_two(interpret, **dims):
             raise ValueError(f"Pallas GPU kernel needs {name} a power of two >= 16, got {d}")
 
 
-def _block_v(dv, bh, block_v):
-    """The walks' V block: block_v, else BLOCKS["block_v"], else V halved while it stays
-    >= 16 and the bh * V / block programs stay fewer than WALK_PROGRAMS."""
-    bv = block_v or BLOCKS["block_v"]
+def walk_block_v(dv, bh, block_sizes):
+    """The walks' V block: block_sizes.walk_block_v, else V halved while it stays >= 16
+    and the bh * V / block programs stay fewer than block_sizes.walk_programs."""
+    bv = block_sizes.walk_block_v
     if bv is None:
         bv = dv
-        while bv % 2 == 0 and bv // 2 >= 16 and bh * (dv // bv) < WALK_PROGRAMS:
+        while bv % 2 == 0 and bv // 2 >= 16 and bh * (dv // bv) < block_sizes.walk_programs:
             bv //= 2
     bv = min(bv, dv)
     if dv % bv:
@@ -116,7 +106,7 @@ def _out_kernel(qg_ref, aqk_ref, h_ref, vn_ref, o_ref):
     o_ref[...] = chunk_output(h_ref[...], qg_ref[...], aqk_ref[...], vn_ref[...]).astype(o_ref.dtype)
 
 
-def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block_v=None, num_warps=None):
+def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block_sizes=BlockSizes()):
     """The sequential part: walk the chunks carrying the state.
 
     w, kg: [BH, Tp, K]; u: [BH, Tp, V]; decay: [BH, N] float32; h0: [BH, K, V] float32.
@@ -127,7 +117,7 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv, bh, block_v)
+    bv = walk_block_v(dv, bh, block_sizes)
     check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = u.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
@@ -141,31 +131,33 @@ def recurrence_states(w, u, kg, decay, h0, *, chunk_size, interpret=False, block
         out_specs=[pl.BlockSpec((None, n, dk, bv), lambda i, j: (i, 0, 0, j)), col, state],
         out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), od), jax.ShapeDtypeStruct((bh, tp, dv), od),
                    jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
-        compiler_params=_compiler_params(num_warps),
+        compiler_params=_compiler_params(block_sizes.walk_warps),
         cost_estimate=pl.CostEstimate(
             flops=4 * bh * tp * dk * dv, transcendentals=0,
             bytes_accessed=itemsize * bh * (tp * (2 * dk + 2 * dv) + n * dk * dv) + 8 * bh * dk * dv,
         ),
         interpret=interpret,
-        name="gdn_chunk_states",
+        name="gdn_recurrence_states",
     )(w, u, kg, decay, h0)
 
 
-def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False, **blocks):
+def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=False, interpret=False,
+                   block_sizes=BlockSizes()):
     """Run the state recurrence over all chunks (`recurrence_states`), then form every
-    chunk's output in parallel, one program per (batch*head, chunk, OUT_BLOCK_V columns).
+    chunk's output in parallel, one program per (batch*head, chunk, `output_block` columns).
 
     w, qg, kg: [BH, Tp, K]; u: [BH, Tp, V]; aqk: [BH, Tp, C]; decay: [BH, N] float32;
     h0: [BH, K, V] float32. Returns o [BH, Tp, V] (u's dtype), final state [BH, K, V]
     float32 and, with save_states, the state entering each chunk [BH, N, K, V] and
     v_new [BH, Tp, V] (both u's dtype) for the backward pass.
     """
-    h, v_new, ht = recurrence_states(w, u, kg, decay, h0, chunk_size=chunk_size, interpret=interpret, **blocks)
+    h, v_new, ht = recurrence_states(w, u, kg, decay, h0, chunk_size=chunk_size, interpret=interpret,
+                                     block_sizes=block_sizes)
     bh, tp, dk = w.shape
     dv = u.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = out_block(dv)
+    bv = output_block(dv, block_sizes)
     tile = lambda d: pl.BlockSpec((None, c, d), lambda i, j, m: (i, j, 0))
     col = pl.BlockSpec((None, c, bv), lambda i, j, m: (i, j, m))
     itemsize = jnp.dtype(u.dtype).itemsize
@@ -175,13 +167,13 @@ def recurrence_fwd(w, u, qg, aqk, kg, decay, h0, *, chunk_size, save_states=Fals
         in_specs=[tile(dk), tile(c), pl.BlockSpec((None, None, dk, bv), lambda i, j, m: (i, j, 0, m)), col],
         out_specs=col,
         out_shape=jax.ShapeDtypeStruct((bh, tp, dv), u.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=_compiler_params(block_sizes.recurrence_output_warps),
         cost_estimate=pl.CostEstimate(
             flops=2 * bh * tp * dv * (dk + c), transcendentals=0,
             bytes_accessed=itemsize * bh * (tp * (dk + c) * (dv // bv) + 2 * tp * dv + n * dk * dv),
         ),
         interpret=interpret,
-        name="gdn_chunk_out",
+        name="gdn_recurrence_output",
     )(qg, aqk, h, v_new)
     return (o, ht, h, v_new) if save_states else (o, ht)
 
@@ -202,7 +194,7 @@ def _bwd_kernel(w_ref, qg_ref, aqk_ref, kg_ref, decay_ref, do_ref, dht_ref, dh_r
     dh0_ref[...] = ds.astype(dh0_ref.dtype)
 
 
-def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_v=None, num_warps=None):
+def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=False, block_sizes=BlockSizes()):
     """Walk the chunks backwards carrying dL/dS.
 
     Returns dL/d(state leaving each chunk) and dL/dv_new, [BH, N, K, V] and [BH, Tp, V]
@@ -212,7 +204,7 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
     dv_dim = do.shape[-1]
     c = chunk_size
     n = tp // c
-    bv = _block_v(dv_dim, bh, block_v)
+    bv = walk_block_v(dv_dim, bh, block_sizes)
     check_power_of_two(interpret, chunk_size=c, K=dk, V_block=bv)
     od = w.dtype
     row = lambda d: pl.BlockSpec((None, tp, d), lambda i, j: (i, 0, 0))
@@ -230,10 +222,10 @@ def recurrence_bwd(w, qg, aqk, kg, decay, do, dht, *, chunk_size, interpret=Fals
             jax.ShapeDtypeStruct((bh, tp, dv_dim), od),
             jax.ShapeDtypeStruct((bh, dk, dv_dim), jnp.float32),
         ],
-        compiler_params=_compiler_params(num_warps),
+        compiler_params=_compiler_params(block_sizes.walk_warps),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed),
         interpret=interpret,
-        name="gdn_chunk_bwd",
+        name="gdn_recurrence_bwd",
     )(w, qg, aqk, kg, decay, do, dht)
 
 
@@ -245,7 +237,7 @@ def _grads_kernel(do_ref, vn_ref, dvn_ref, h_ref, dh_ref, dqg_ref, daqk_ref, dkg
         do, vn, dvn = do_ref[cols(j)], vn_ref[cols(j)], dvn_ref[cols(j)]
         h, dh = h_ref[cols(j)], dh_ref[cols(j)]
         dqg, dkg, dw, dec = acc
-        return (dqg + _dot(do, h.T), dkg + _dot(vn, dh.T), dw - _dot(dvn, h.T),
+        return (dqg + dot(do, h.T), dkg + dot(vn, dh.T), dw - dot(dvn, h.T),
                 dec + jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32), axis=1))
 
     c, bk = dqg_ref.shape
@@ -259,12 +251,12 @@ def _grads_kernel(do_ref, vn_ref, dvn_ref, h_ref, dh_ref, dqg_ref, daqk_ref, dkg
     @pl.when(pl.program_id(2) == 0)
     def _():
         daqk = jax.lax.fori_loop(
-            0, nv, lambda j, acc: acc + _dot(do_ref[cols(j)], vn_ref[cols(j)].T), jnp.zeros((c, c), jnp.float32)
+            0, nv, lambda j, acc: acc + dot(do_ref[cols(j)], vn_ref[cols(j)].T), jnp.zeros((c, c), jnp.float32)
         )
         daqk_ref[...] = daqk.astype(daqk_ref.dtype)
 
 
-def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
+def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False, block_sizes=BlockSizes()):
     """The recurrence's gradients other than those of the walk, every chunk in parallel:
     with o = qg S + aqk v_new, v_new = u - w S, S' = decay S + kg^T v_new per chunk,
 
@@ -272,14 +264,14 @@ def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
 
     do, v_new, dv (= dL/dv_new): [BH, Tp, V]; h, dh (S and dL/dS' per chunk): [BH, N, K, V],
     all one dtype. Returns dqg, dkg, dw [BH, Tp, K], daqk [BH, Tp, C] in that dtype and
-    ddecay [BH, N] float32. One program per (batch*head, chunk, 64 rows of K); V is
-    summed over in blocks of OUT_BLOCK_V inside."""
+    ddecay [BH, N] float32. One program per (batch*head, chunk, block_sizes.grads_block_k
+    rows of K); V is summed over in blocks of `output_block` columns inside."""
     bh, n, dk, dv_dim = h.shape
     c = chunk_size
     tp = n * c
     od = h.dtype
-    bk = min(dk, 64)
-    bv = out_block(dv_dim)
+    bk = min(dk, block_sizes.grads_block_k)
+    bv = output_block(dv_dim, block_sizes)
     rows = pl.BlockSpec((None, c, dv_dim), lambda i, j, m: (i, j, 0))
     state = pl.BlockSpec((None, None, bk, dv_dim), lambda i, j, m: (i, j, m, 0))
     kcol = pl.BlockSpec((None, c, bk), lambda i, j, m: (i, j, m))
@@ -292,12 +284,12 @@ def recurrence_grads(do, h, v_new, dh, dv, *, chunk_size, interpret=False):
                    pl.BlockSpec((None, None, bk), lambda i, j, m: (i, j, m))],
         out_shape=[jax.ShapeDtypeStruct((bh, tp, dk), od), jax.ShapeDtypeStruct((bh, tp, c), od)]
         + [jax.ShapeDtypeStruct((bh, tp, dk), od)] * 2 + [jax.ShapeDtypeStruct((bh, n, dk), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=_compiler_params(block_sizes.grads_warps),
         cost_estimate=pl.CostEstimate(
             flops=2 * bh * tp * dv_dim * (3 * dk + c), transcendentals=0,
             bytes_accessed=itemsize * bh * (3 * tp * dv_dim * (dk // bk) + 2 * n * dk * dv_dim + tp * (3 * dk + c)),
         ),
         interpret=interpret,
-        name="gdn_chunk_grads",
+        name="gdn_recurrence_grads",
     )(do, v_new, dv, h, dh)
     return dqg, daqk, dkg, dw, jnp.sum(dec, axis=-1)
