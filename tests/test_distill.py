@@ -318,9 +318,9 @@ def test_stage2_step_memory_grows_without_vocab_logits():
 # ----------------------------------------------------- loop, resume, e2e
 @pytest.fixture(scope="module")
 def tokenizer():
-    from hylo_jax.distill import data
+    from hylo_jax.convert.hub import load_tokenizer
 
-    return data.load_tokenizer()
+    return load_tokenizer()
 
 
 def _loop_config(workdir, module):

@@ -23,9 +23,9 @@ def run(cfg) -> dict:
     import jax.numpy as jnp
 
     from hylo_jax import sharding
-    from hylo_jax.convert.hub import resolve
-    from hylo_jax.distill import data, train
-    from hylo_jax.loading import load_model
+    from hylo_jax.convert.hub import load_tokenizer, resolve
+    from hylo_jax.convert.loading import load_model
+    from hylo_jax.distill import train
 
     sharding.maybe_initialize_distributed(cfg.distributed.to_dict())
     if not cfg.student:
@@ -37,7 +37,7 @@ def run(cfg) -> dict:
     dtype = jnp.dtype(cfg.dtype)
     teacher = load_model(teacher_source.path, dtype=dtype, progress=False)
     student = load_model(cfg.student, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), progress=False)
-    tokenizer = data.load_tokenizer(teacher_source.path)
+    tokenizer = load_tokenizer(teacher_source)
     logging.info(
         "teacher %s (%d layers), student %s: %s; %d devices (%s)",
         teacher_source.path, teacher.config.num_hidden_layers, cfg.student,
