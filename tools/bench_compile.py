@@ -3,7 +3,7 @@
 Builds the SmolLM2-135M teacher and the hybrid student of outputs/hylo_smollm2 (only
 config.json is read; the models are abstract, built with nnx.eval_shape, so no weights
 are loaded), then lowers and compiles the stage-1 ("align") and stage-2 ("kl") steps
-exactly as hylo_jax/distill/train.py builds them (`train.build_step`: one jit with
+exactly as hylo_jax/distill/train_step.py builds them (`train_step.build_step`: one jit with
 shardings, donated params and optimizer state, teacher inside the step). For each it
 prints the lower time, the compile time and the size of the optimized HLO (count of
 instructions). `--split` also compiles each step's loss + gradients and its optimizer
@@ -37,7 +37,7 @@ from flax import nnx
 
 from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
-from hylo_jax.distill import losses, train
+from hylo_jax.distill import losses, stages, train_step
 from hylo_jax.models import CausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,12 +91,12 @@ def abstract_batch(b, t, sharding):
 
 
 def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
-    stage = train.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
+    stage = stages.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
                         warmup_steps=1, remat=args.remat, kl_chunk=args.kl_chunk)
-    graphdef, params, rest = train.split_student(student)
+    graphdef, params, rest = train_step.split_student(student)
     t_graphdef, t_state = nnx.split(teacher)
     params, rest, t_state = (with_shardings(s, mesh) for s in (params, rest, t_state))
-    stepfn = train.build_step(stage, graphdef, t_graphdef, params, rest, t_state, mesh, opt_cfg)
+    stepfn = train_step.build_step(stage, graphdef, t_graphdef, params, rest, t_state, mesh, opt_cfg)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(stepfn.tx.init, params), stepfn.opt_shardings)
     batch = abstract_batch(args.batch, args.seq, stepfn.batch_sharding)
@@ -105,7 +105,7 @@ def bench_stage(kind, args, student, teacher, mesh, opt_cfg):
 
         def loss_and_grad(params, rest, t_state, batch):
             def loss_fn(p):
-                return train.stage_loss(stage, nnx.merge(graphdef, p, rest), nnx.merge(t_graphdef, t_state), batch)
+                return train_step.stage_loss(stage, nnx.merge(graphdef, p, rest), nnx.merge(t_graphdef, t_state), batch)
 
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -141,7 +141,7 @@ def bench_parts(args, student, teacher, dtype):
 
     def kl_only(s_state, t_state, h_s, h_t, mask):
         sums = losses.chunked_kl_and_ce(nnx.merge(gs, s_state), nnx.merge(gt, t_state), h_s, h_t, mask,
-                                        chunk_size=args.kl_chunk)
+                                        kl_chunk=args.kl_chunk)
         return sums["kl_sum"]
 
     out.append(measure("chunked KL fwd+bwd", jax.jit(jax.grad(kl_only, argnums=(0, 2))), s_state, t_state, h, h, mask))
