@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.eval.passkey_lengths = "1024,4096"  # comma-separated token lengths; "" = none
     cfg.eval.passkey_trials = 10
     cfg.eval.passkey_batch_size = 1  # prompts decoded together
-    cfg.eval.passkey_prefill_chunk = 2048  # prefill long prompts in chunks (0 = at once)
+    cfg.eval.passkey_prefill_chunk_size = 2048  # prefill long prompts in chunks (0 = at once)
     cfg.eval.passkey_teacher = True  # at the start
     cfg.eval.passkey_at_init = True  # also the untrained student
     cfg.eval.passkey_every_stage = False  # else: at the start and after the last stage only

@@ -34,6 +34,6 @@ def get_config():
     cfg.eval.passkey_lengths = "1024,4096,16384,32768,65536"
     cfg.eval.passkey_trials = 10
     cfg.eval.passkey_batch_size = 5
-    cfg.eval.passkey_prefill_chunk = 4096
+    cfg.eval.passkey_prefill_chunk_size = 4096
     cfg.eval.passkey_at_init = False  # off to save device time (BENCHMARKS.md reports no untrained passkey)
     return cfg

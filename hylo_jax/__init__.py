@@ -1,6 +1,6 @@
 """hylo_jax: upcycle pretrained Llama/Qwen Transformers into long-context MLA +
 linear-attention hybrids (HyLo), JAX-native."""
 
-from hylo_jax.loading import load_model
+from hylo_jax.convert.loading import load_model
 
 __all__ = ["load_model"]

@@ -5,6 +5,11 @@
 `layer_types` (one mixer name per layer) and the per-mixer sub-configs, stored in
 config.json under the key "hylo" so that transformers ignores them.
 
+Every check of a config is here: `ModelConfig.validate` (run on construction),
+`validate_mla_config` (run by each MLA layer) and, for a hybrid student upcycled from a
+teacher, `make_student_config` / `check_student_config` with the default Mamba2 and GDN
+sizes that take the teacher's attention heads whole.
+
 Configs are hashable (tuples, no dicts) because NNX keeps them in the graph
 definition, which jit uses as a cache key.
 """
@@ -313,3 +318,151 @@ def _sub(cls, d: Mapping[str, Any] | None):
     if "rope_scaling" in d and d["rope_scaling"]:
         d["rope_scaling"] = _freeze(d["rope_scaling"])
     return cls(**d)
+
+
+# ------------------------------------------------------- hybrid student configs
+# Every check of a student config lives here: its own consistency (ModelConfig.validate,
+# validate_mla_config) and its fit to the teacher it is upcycled from (check_student_config).
+
+# Fields a student config adds to its teacher's; every other field must be equal.
+HYBRID_FIELDS = ("layer_types", "mla", "mamba2", "gdn")
+
+
+def mla_rope_pairs(config: ModelConfig) -> tuple[int, ...]:
+    """The teacher rotary pairs MLA keeps: config.mla.rope_pairs or the lowest ones."""
+    m = config.mla
+    return m.rope_pairs if m.rope_pairs is not None else tuple(range(m.qk_rope_head_dim // 2))
+
+
+def validate_mla_config(config: ModelConfig) -> None:
+    """Raise ValueError naming the problem if `config.mla` cannot describe an MLA layer."""
+    m = config.mla
+    if m is None:
+        raise ValueError("an MLA layer needs config.mla (MLAConfig)")
+    d, half = config.head_dim, config.head_dim // 2
+    if m.qk_rope_head_dim <= 0 or m.qk_rope_head_dim % 2:
+        raise ValueError(f"mla.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (whole rotary pairs)")
+    if m.qk_nope_head_dim < 0 or m.qk_nope_head_dim + m.qk_rope_head_dim != d:
+        raise ValueError(
+            f"mla.qk_nope_head_dim + mla.qk_rope_head_dim = {m.qk_nope_head_dim} + {m.qk_rope_head_dim} "
+            f"must equal the teacher head_dim {d}"
+        )
+    if m.v_head_dim <= 0:
+        raise ValueError(f"mla.v_head_dim={m.v_head_dim} must be positive")
+    if m.kv_lora_rank <= 0:
+        raise ValueError(f"mla.kv_lora_rank={m.kv_lora_rank} must be positive")
+    if m.q_lora_rank < 0:
+        raise ValueError(f"mla.q_lora_rank={m.q_lora_rank} must be >= 0 (0 = full-rank q_proj)")
+    pairs = mla_rope_pairs(config)
+    if len(pairs) != m.qk_rope_head_dim // 2:
+        raise ValueError(
+            f"mla.rope_pairs has {len(pairs)} pairs but qk_rope_head_dim={m.qk_rope_head_dim} needs "
+            f"{m.qk_rope_head_dim // 2}"
+        )
+    if len(set(pairs)) != len(pairs) or min(pairs) < 0 or max(pairs) >= half:
+        raise ValueError(f"mla.rope_pairs={list(pairs)} must be distinct rotary pair indices in [0, {half})")
+    if config.qkv_bias:
+        raise ValueError("MLA has no q/k/v biases; a teacher with attention biases (Qwen2) cannot use MLA layers")
+
+
+def mla_max_ranks(teacher: ModelConfig, mla: MLAConfig) -> tuple[int, int]:
+    """(largest q_lora_rank, largest kv_lora_rank) an SVD init can give (min matrix dims)."""
+    h, d_model = teacher.num_attention_heads, teacher.hidden_size
+    q_max = min(d_model, h * teacher.head_dim)
+    # The stacked [K_nope; V] repeats each KV head's rows, so its rank is at most Hkv rows' worth.
+    kv_max = min(d_model, h * (mla.qk_nope_head_dim + mla.v_head_dim))
+    return q_max, kv_max
+
+
+def default_mamba2_config(teacher: ModelConfig, **overrides) -> Mamba2Config:
+    """One Mamba2 head and B/C group per teacher query head; head_dim = state_size =
+    the teacher's head_dim (so x, B, C take V, K, Q whole)."""
+    base = Mamba2Config(
+        num_heads=teacher.num_attention_heads,
+        head_dim=teacher.head_dim,
+        n_groups=teacher.num_attention_heads,
+        state_size=teacher.head_dim,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def default_gdn_config(teacher: ModelConfig, **overrides) -> GDNConfig:
+    """One GDN head per teacher query head; key and value head dims = the teacher's head_dim."""
+    base = GDNConfig(
+        num_heads=teacher.num_attention_heads,
+        head_k_dim=teacher.head_dim,
+        head_v_dim=teacher.head_dim,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def check_linear_sizes(kind: str, config: ModelConfig) -> None:
+    """Raise unless config.mamba2 / config.gdn (`kind`) takes the teacher's attention heads
+    whole, which weight transfer from attention needs (see default_*_config)."""
+    hq, d = config.num_attention_heads, config.head_dim
+    expected = {"num_heads": hq, "head_dim": d, "n_groups": hq, "state_size": d, "head_k_dim": d, "head_v_dim": d}
+    sub = getattr(config, kind)
+    bad = {name: (getattr(sub, name), want) for name, want in expected.items() if getattr(sub, name, want) != want}
+    if bad:
+        detail = ", ".join(f"{name}={v} (needs {e})" for name, (v, e) in bad.items())
+        raise ValueError(
+            f"{kind} sizes do not fit the teacher's attention for weight transfer: {detail}; "
+            f"use hylo_jax.config.default_{kind}_config(teacher)"
+        )
+
+
+def make_student_config(
+    teacher: ModelConfig,
+    layer_types: tuple[str, ...] | list[str],
+    *,
+    mla: MLAConfig | None = None,
+    mamba2: Mamba2Config | None = None,
+    gdn: GDNConfig | None = None,
+) -> ModelConfig:
+    """The teacher's config with per-layer mixers; Mamba2/GDN sizes default to the ones
+    that take the teacher's heads whole (default_mamba2_config, default_gdn_config)."""
+    layer_types = tuple(layer_types)
+    bad = [(i, k) for i, k in enumerate(layer_types) if k not in MIXERS]
+    if bad:
+        raise ValueError(f"unknown mixer(s) {bad} (layer, name); choose from {MIXERS}")
+    if len(layer_types) != teacher.num_hidden_layers:
+        raise ValueError(f"{len(layer_types)} layer types for a teacher with {teacher.num_hidden_layers} layers")
+    if "mla" in layer_types and mla is None:
+        raise ValueError("layer_types has 'mla' layers but no MLAConfig was given")
+    return teacher.replace(
+        layer_types=layer_types,
+        mla=mla if "mla" in layer_types else None,
+        mamba2=(mamba2 or default_mamba2_config(teacher)) if "mamba2" in layer_types else None,
+        gdn=(gdn or default_gdn_config(teacher)) if "gdn" in layer_types else None,
+    )
+
+
+def check_student_config(teacher: ModelConfig, student: ModelConfig) -> None:
+    """Raise ValueError unless `student` can be upcycled from `teacher` (no work done)."""
+    if teacher.is_hybrid:
+        raise ValueError(f"the teacher must be a plain Transformer; it has layer types {set(teacher.layer_types)}")
+    diff = [
+        f"{f.name}: teacher {getattr(teacher, f.name)!r} vs student {getattr(student, f.name)!r}"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in HYBRID_FIELDS and getattr(teacher, f.name) != getattr(student, f.name)
+    ]
+    if diff:
+        raise ValueError("the student config must equal the teacher's outside the hybrid fields; " + "; ".join(diff))
+    kinds = set(student.layer_types)
+    d, hq = teacher.head_dim, teacher.num_attention_heads
+    if "mla" in kinds:
+        validate_mla_config(student)
+        m = student.mla
+        if m.v_head_dim != d:
+            raise ValueError(f"mla.v_head_dim={m.v_head_dim} must equal the teacher head_dim {d} (o_proj is copied)")
+        q_max, kv_max = mla_max_ranks(teacher, m)
+        if m.q_lora_rank > q_max:
+            raise ValueError(f"mla.q_lora_rank={m.q_lora_rank} exceeds the dims of W_Q ({teacher.hidden_size} x {hq * d}): at most {q_max}")
+        if m.kv_lora_rank > kv_max:
+            raise ValueError(
+                f"mla.kv_lora_rank={m.kv_lora_rank} exceeds the dims of the stacked [W_K; W_V] "
+                f"({hq * (m.qk_nope_head_dim + m.v_head_dim)} x {teacher.hidden_size}): at most {kv_max}"
+            )
+    for kind in ("mamba2", "gdn"):
+        if kind in kinds:
+            check_linear_sizes(kind, student)

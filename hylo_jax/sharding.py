@@ -150,7 +150,10 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def put_global(x, sharding: NamedSharding) -> jax.Array:
-    """Place a value that every process holds in full onto a (possibly multi-host) sharding."""
+    """Place a value that every process holds in full onto a (possibly multi-host) sharding.
+    An array already laid out that way is returned as it is."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
     if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)

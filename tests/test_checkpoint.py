@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from hylo_jax.checkpoint import Checkpointer
+from hylo_jax.convert.hub import load_tokenizer
 from hylo_jax.distill import data
 
 
@@ -48,7 +49,7 @@ def train_step(model, optimizer, batch, rng):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.load_tokenizer()
+    return load_tokenizer()
 
 
 def _setup(tokenizer, init_seed):

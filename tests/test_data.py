@@ -11,13 +11,14 @@ import sysconfig
 import numpy as np
 import pytest
 
+from hylo_jax.convert.hub import load_tokenizer
 from hylo_jax.distill import data
 from hylo_jax.eval import corpus
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.load_tokenizer()
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

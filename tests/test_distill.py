@@ -20,6 +20,10 @@ from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
 from hylo_jax.config_files import load_module
 from hylo_jax.distill import losses, train
+from hylo_jax.distill.evaluate import heldout_kl
+from hylo_jax.distill.metrics import read_metrics
+from hylo_jax.distill.stages import Stage
+from hylo_jax.distill.train_step import build_step, init_opt_state, split_student
 from hylo_jax.models import CausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +65,7 @@ def test_kl_loss_matches_dense_reference():
     teacher, student = CausalLM(cfg, rngs=nnx.Rngs(0)), CausalLM(cfg, rngs=nnx.Rngs(1))
     batch = {k: jnp.asarray(v) for k, v in random_batch(3, 37, cfg.vocab_size, pad_from=20).items()}
     temp, w = 2.0, 0.25
-    loss, m = nnx.jit(lambda s_, t_, b_: losses.kl_distill_loss(s_, t_, b_, temperature=temp, ce_weight=w, chunk_size=8))(
+    loss, m = nnx.jit(lambda s_, t_, b_: losses.kl_distill_loss(s_, t_, b_, temperature=temp, ce_weight=w, kl_chunk=8))(
         student, teacher, batch
     )
     # Dense float64 reference over the full [B, T, V] logits.
@@ -91,7 +95,7 @@ def test_kl_is_a_mean_over_real_tokens_not_rows():
     # Padding a row out entirely must not change the per-token mean of the other row.
     one = {k: v[:1] for k, v in batch.items()}
     padded = dict(batch, loss_mask=batch["loss_mask"].at[1].set(0.0))
-    kl = nnx.jit(lambda s_, t_, b_: losses.kl_distill_loss(s_, t_, b_, chunk_size=5)[1]["kl"])
+    kl = nnx.jit(lambda s_, t_, b_: losses.kl_distill_loss(s_, t_, b_, kl_chunk=5)[1]["kl"])
     m1, m2 = kl(student, teacher, one), kl(student, teacher, padded)
     np.testing.assert_allclose(float(m1), float(m2), rtol=1e-6)
 
@@ -104,7 +108,7 @@ def test_remat_and_chunking_do_not_change_loss_or_grads():
     def grads(remat, chunk, kind):
         def f(model):
             if kind == "kl":
-                return losses.kl_distill_loss(model, teacher, batch, chunk_size=chunk, remat=remat)[0]
+                return losses.kl_distill_loss(model, teacher, batch, kl_chunk=chunk, remat=remat)[0]
             return losses.layer_alignment_loss(model, teacher, batch, remat=remat)[0]
 
         return nnx.jit(nnx.value_and_grad(f))(student)
@@ -181,7 +185,6 @@ _STEP_SCRIPT = textwrap.dedent(
                                           "process_id": int(os.environ["PID"]), "timeout_s": 60})
     from flax import nnx
     from hylo_jax import sharding as shd
-    from hylo_jax.distill import train
     sys.path.insert(0, os.environ["TESTS_DIR"])
     from test_distill import tiny_config, random_batch, run_steps
     out = {}
@@ -201,17 +204,17 @@ def run_steps(kind, mesh_shape, steps=3):
     cfg = tiny_config()
     mesh = shd.make_mesh(mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     teacher, student = CausalLM(cfg, rngs=nnx.Rngs(0)), CausalLM(cfg, rngs=nnx.Rngs(1))
-    stage = train.Stage("s", kind, 16, steps, 8, 1e-3, 1, kl_chunk=8)
+    stage = Stage("s", kind, 16, steps, 8, 1e-3, 1, kl_chunk=8)
     opt = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0, min_lr_ratio=0.1))
     tg, ts = nnx.split(teacher)
     ts = shd.shard_state(ts, shd.state_shardings(ts, mesh))
-    sg, params, rest = train.split_student(student)
+    sg, params, rest = split_student(student)
     params = shd.shard_state(params, shd.state_shardings(params, mesh))
     rest = shd.shard_state(rest, shd.state_shardings(rest, mesh))
     if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
         shd.assert_params_sharded(params, mesh, tolerance=0.1)
-    fn = train.build_step(stage, sg, tg, params, rest, ts, mesh, opt)
-    opt_state = train.init_opt_state(fn, params)
+    fn = build_step(stage, sg, tg, params, rest, ts, mesh, opt)
+    opt_state = init_opt_state(fn, params)
     out = []
     for i in range(steps):
         batch = shd.put_batch(random_batch(8, 16, cfg.vocab_size, seed=i, pad_from=9), mesh)
@@ -295,13 +298,13 @@ def test_stage2_step_memory_grows_without_vocab_logits():
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     opt = distill_config().get_config().optimizer
     tg, ts = nnx.split(teacher)
-    sg, params, rest = train.split_student(student)
+    sg, params, rest = split_student(student)
     temps = {}
     b = 1
     lengths = (512, 1024, 2048)
     for t in lengths:
-        stage = train.Stage("kl", "kl", t, 10, b, 1e-4, 1, kl_chunk=64, remat="full")
-        fn = train.build_step(stage, sg, tg, params, rest, ts, mesh, opt)
+        stage = Stage("kl", "kl", t, 10, b, 1e-4, 1, kl_chunk=64, remat="full")
+        fn = build_step(stage, sg, tg, params, rest, ts, mesh, opt)
         opt_state = jax.eval_shape(fn.tx.init, params)
         batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32)
                  for k in ("input_ids", "positions", "segment_ids", "loss_mask")}
@@ -318,9 +321,9 @@ def test_stage2_step_memory_grows_without_vocab_logits():
 # ----------------------------------------------------- loop, resume, e2e
 @pytest.fixture(scope="module")
 def tokenizer():
-    from hylo_jax.distill import data
+    from hylo_jax.convert.hub import load_tokenizer
 
-    return data.load_tokenizer()
+    return load_tokenizer()
 
 
 def _loop_config(workdir, module):
@@ -343,7 +346,7 @@ class _Killed(Exception):
 
 
 def _train_losses(workdir):
-    return {r["global_step"]: r["loss"] for r in train.read_metrics(str(workdir)) if r["event"] == "train"}
+    return {r["global_step"]: r["loss"] for r in read_metrics(str(workdir)) if r["event"] == "train"}
 
 
 def test_resume_after_kill_reproduces_losses_and_loss_falls(tmp_path, tokenizer):
@@ -359,7 +362,7 @@ def test_resume_after_kill_reproduces_losses_and_loss_falls(tmp_path, tokenizer)
     heldout = perplexity.windows(perplexity.heldout_tokens(tokenizer, max_tokens=4 * 32), 32)
 
     def evaluator(model, teacher, with_passkey):
-        return {} if teacher is None else {"kl": train.heldout_kl(model, teacher, heldout, 2, chunk=16)}
+        return {} if teacher is None else {"kl": heldout_kl(model, teacher, heldout, 2, kl_chunk=16)}
 
     teacher, student = models()
     full = train.distill(_loop_config(tmp_path / "a", module), teacher=teacher, student=student, tokenizer=tokenizer,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hylo_jax.config import GDNConfig, Mamba2Config, ModelConfig
+from hylo_jax.config import GDNConfig, Mamba2Config, ModelConfig, default_gdn_config, default_mamba2_config
 from hylo_jax.convert import linear_init, mapping
 from hylo_jax.layers.gated_deltanet import GatedDeltaNet
 from hylo_jax.layers.mamba2 import Mamba2
@@ -440,7 +440,7 @@ def _check_repeated(student_w, teacher_w, heads=4, kv_heads=2, head_dim=8):
 def test_init_mamba2_from_attention(bias):
     teacher_cfg = _teacher_config(qkv_bias=bias, o_bias=bias)
     teacher = _teacher_attention(teacher_cfg)
-    mcfg = linear_init.default_mamba2_config(teacher_cfg, chunk_size=16)
+    mcfg = default_mamba2_config(teacher_cfg, chunk_size=16)
     assert (mcfg.num_heads, mcfg.head_dim, mcfg.n_groups, mcfg.state_size) == (4, 8, 4, 8)
     cfg = teacher_cfg.replace(layer_types=("mamba2", "attention"), mamba2=mcfg)
     params = linear_init.init_mamba2_from_attention(teacher, cfg, key=jax.random.key(0))
@@ -476,7 +476,7 @@ def test_init_mamba2_from_attention(bias):
 def test_init_gdn_from_attention(bias):
     teacher_cfg = _teacher_config(qkv_bias=bias, o_bias=bias)
     teacher = _teacher_attention(teacher_cfg, seed=1)
-    gcfg = linear_init.default_gdn_config(teacher_cfg, chunk_size=16)
+    gcfg = default_gdn_config(teacher_cfg, chunk_size=16)
     assert (gcfg.num_heads, gcfg.head_k_dim, gcfg.head_v_dim) == (4, 8, 8)
     cfg = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=gcfg)
     params = linear_init.init_gdn_from_attention(teacher, cfg, key=jax.random.key(0))
@@ -499,11 +499,11 @@ def test_init_rejects_sizes_that_do_not_fit_the_teacher():
     teacher_cfg = _teacher_config()
     teacher = _teacher_attention(teacher_cfg)
     bad = teacher_cfg.replace(
-        layer_types=("mamba2", "attention"), mamba2=linear_init.default_mamba2_config(teacher_cfg, state_size=4)
+        layer_types=("mamba2", "attention"), mamba2=default_mamba2_config(teacher_cfg, state_size=4)
     )
     with pytest.raises(ValueError, match="state_size=4"):
         linear_init.init_mamba2_from_attention(teacher, bad, key=jax.random.key(0))
-    good = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=linear_init.default_gdn_config(teacher_cfg))
+    good = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=default_gdn_config(teacher_cfg))
     wrong = dict(teacher, k_proj={"kernel": teacher["k_proj"]["kernel"][:, :8]})
     with pytest.raises(ValueError, match="k_proj.kernel has shape"):
         linear_init.init_gdn_from_attention(wrong, good, key=jax.random.key(0))
@@ -515,7 +515,7 @@ def test_init_folds_qwen3_qk_norm_weights():
     rng = np.random.default_rng(3)
     for norm in ("q_norm", "k_norm"):
         teacher[norm] = {"weight": jnp.asarray(1 + 0.3 * rng.standard_normal(8), jnp.float32)}
-    cfg = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=linear_init.default_gdn_config(teacher_cfg))
+    cfg = teacher_cfg.replace(layer_types=("gdn", "attention"), gdn=default_gdn_config(teacher_cfg))
     params = linear_init.init_gdn_from_attention(teacher, cfg, key=jax.random.key(0))
     q_scale = np.tile(np.asarray(teacher["q_norm"]["weight"]), 4)
     k_scale = np.tile(np.asarray(teacher["k_norm"]["weight"]), 2)

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hylo_jax.config import MLAConfig, ModelConfig
+from hylo_jax.config import MLAConfig, ModelConfig, validate_mla_config
 from hylo_jax.convert.mla_init import init_mla_from_attention
 from hylo_jax.layers.attention import Attention
-from hylo_jax.layers.mla import MLA, validate_mla_config
+from hylo_jax.layers.mla import MLA
 from hylo_jax.layers.rope import compute_inv_freq
 
 D, HEAD_DIM, T = 48, 16, 11

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from hylo_jax.config import ModelConfig
-from hylo_jax.distill.data import load_tokenizer
+from hylo_jax.convert.hub import load_tokenizer
 from hylo_jax.eval import passkey
 from hylo_jax.models.decoder import CausalLM
 

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from hylo_jax.config_files import load_config
-from hylo_jax.config import MLAConfig, ModelConfig
-from hylo_jax.convert import layer_selection, report, upcycle
+from hylo_jax.config import MLAConfig, ModelConfig, check_student_config, make_student_config
+from hylo_jax.convert import job, layer_selection, report, upcycle
 from hylo_jax.eval import perplexity as ppl
 from hylo_jax.models.decoder import CausalLM
 
@@ -36,14 +36,14 @@ def params_of(model):
 
 
 def test_all_attention_student_is_the_teacher(teacher):
-    student, rep = upcycle.upcycle(teacher, upcycle.make_student_config(teacher.config, ["attention"] * L))
+    student, rep = upcycle.upcycle(teacher, make_student_config(teacher.config, ["attention"] * L))
     np.testing.assert_array_equal(np.asarray(student(ids())), np.asarray(teacher(ids())))
     assert rep["rope_pairs"] is None
 
 
 def test_full_rank_mla_student_reproduces_teacher_and_copies_the_rest(teacher):
     before = jax.tree.map(np.array, params_of(teacher))
-    cfg = upcycle.make_student_config(teacher.config, ["mla", "attention", "mla", "mla"], mla=EXACT_MLA)
+    cfg = make_student_config(teacher.config, ["mla", "attention", "mla", "mla"], mla=EXACT_MLA)
     student, rep = upcycle.upcycle(teacher, cfg)
     lt, ls = teacher(ids()), student(ids())
     assert float(jnp.max(jnp.abs(ls - lt)) / jnp.max(jnp.abs(lt))) < 1e-5
@@ -62,7 +62,7 @@ def test_full_rank_mla_student_reproduces_teacher_and_copies_the_rest(teacher):
 
 
 def test_rope_pairs_are_chosen_and_stored(teacher):
-    cfg = upcycle.make_student_config(teacher.config, ["mla"] * L, mla=LOW_MLA)
+    cfg = make_student_config(teacher.config, ["mla"] * L, mla=LOW_MLA)
     student, rep = upcycle.upcycle(teacher, cfg, rope_pair_criterion="k_energy")
     assert student.config.mla.rope_pairs == tuple(rep["rope_pairs"]) and len(rep["rope_pairs"]) == 2
     student_low, rep_low = upcycle.upcycle(teacher, cfg, rope_pair_criterion="lowest")
@@ -73,9 +73,9 @@ def test_rope_pairs_are_chosen_and_stored(teacher):
 
 def test_student_checkpoint_round_trip(teacher, tmp_path):
     from hylo_jax.convert.export import export_model
-    from hylo_jax.loading import load_model
+    from hylo_jax import load_model
 
-    cfg = upcycle.make_student_config(teacher.config, ["mla", "attention", "mla", "attention"], mla=LOW_MLA)
+    cfg = make_student_config(teacher.config, ["mla", "attention", "mla", "attention"], mla=LOW_MLA)
     student, _ = upcycle.upcycle(teacher, cfg)
     out = export_model(student, tmp_path / "student", dtype="float32")
     loaded = load_model(out, progress=False)
@@ -83,9 +83,30 @@ def test_student_checkpoint_round_trip(teacher, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(ids())), np.asarray(student(ids())))
 
 
+def test_load_model_under_a_mesh_puts_every_tensor_on_its_shards(teacher, tmp_path):
+    """What `python -m hylo_jax.distill` relies on: under jax.set_mesh, load_model reads each
+    tensor straight onto the shardings of the rules table (every mixer kind), same values.
+    Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 for a real split."""
+    from hylo_jax import load_model
+    from hylo_jax import sharding as shd
+    from hylo_jax.convert.export import export_model
+
+    cfg = make_student_config(teacher.config, ["mla", "gdn", "mamba2", "attention"], mla=LOW_MLA)
+    out = export_model(upcycle.upcycle(teacher, cfg)[0], tmp_path / "student", dtype="float32")
+    plain = load_model(out, progress=False)
+    mesh = shd.make_mesh({"fsdp": -1})
+    with jax.set_mesh(mesh):
+        sharded = load_model(out, progress=False)
+    state = nnx.state(sharded)
+    assert [x.sharding for x in jax.tree.leaves(state)] == jax.tree.leaves(shd.state_shardings(state, mesh))
+    if mesh.shape["fsdp"] > 1:
+        shd.assert_params_sharded(state, mesh, tolerance=0.5)
+    jax.tree.map(np.testing.assert_array_equal, params_of(sharded), params_of(plain))
+
+
 @pytest.mark.parametrize("kind", ["gdn", "mamba2"])
 def test_linear_layers_take_the_teacher_projections(teacher, kind):
-    cfg = upcycle.make_student_config(teacher.config, ["mla", kind, kind, "attention"], mla=LOW_MLA)
+    cfg = make_student_config(teacher.config, ["mla", kind, kind, "attention"], mla=LOW_MLA)
     student, rep = upcycle.upcycle(teacher, cfg)
     assert np.isfinite(np.asarray(student(ids()))).all()
     attr = upcycle.MIXER_ATTR[kind]
@@ -116,7 +137,7 @@ def test_layer_sensitivity(teacher):
     low = layer_selection.layer_sensitivity(teacher, teacher.config.replace(layer_types=("mla",) * L, mla=LOW_MLA), x, "mla")
     # Converting layer i alone, run through the full student, gives the same loss.
     i = int(np.argmax(low["rise"]))
-    cfg = upcycle.make_student_config(teacher.config, ["mla" if j == i else "attention" for j in range(L)], mla=LOW_MLA)
+    cfg = make_student_config(teacher.config, ["mla" if j == i else "attention" for j in range(L)], mla=LOW_MLA)
     student, _ = upcycle.upcycle(teacher, cfg)
     logits = student(jnp.asarray(x))
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), x[:, 1:, None], -1).mean()
@@ -134,7 +155,7 @@ def test_perplexity_matches_direct_computation(teacher):
 
 
 def test_kv_cache_arithmetic(teacher):
-    cfg = upcycle.make_student_config(teacher.config, ["mla", "attention", "mla", "mla"], mla=LOW_MLA)
+    cfg = make_student_config(teacher.config, ["mla", "attention", "mla", "mla"], mla=LOW_MLA)
     kv = report.kv_cache_summary(teacher.config, cfg)
     assert kv["teacher_bytes_per_token"] == 2 * L * 2 * 2 * HEAD_DIM
     assert kv["student_bytes_per_token"] == 2 * (3 * (8 + 4) + 2 * 2 * HEAD_DIM)
@@ -163,10 +184,10 @@ def student_settings(**overrides):
 ])
 def test_bad_student_settings_fail_before_work(teacher, overrides, match):
     with pytest.raises(ValueError, match=match):
-        upcycle.student_config_from_settings(teacher.config, student_settings(**{"mixer": "attention", **overrides}))
+        job.student_config_from_settings(teacher.config, student_settings(**{"mixer": "attention", **overrides}))
 
 
 def test_student_must_match_teacher(teacher):
     other = teacher.config.replace(hidden_size=64, layer_types=("mla",) * L, mla=LOW_MLA)
     with pytest.raises(ValueError, match="hidden_size"):
-        upcycle.check_student_config(teacher.config, other)
+        check_student_config(teacher.config, other)

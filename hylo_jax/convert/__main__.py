@@ -30,57 +30,44 @@ def _define_config_flag():
 
 def convert(config) -> str:
     """Runs the conversion a config describes; returns the output directory."""
+    # Imported here, not at the top: `--help` answers without loading JAX.
     import jax.numpy as jnp
 
     from hylo_jax.config import ModelConfig
-    from hylo_jax.convert import upcycle
-    from hylo_jax.convert.hub import resolve
+    from hylo_jax.convert import job
+    from hylo_jax.convert.export import export_model
+    from hylo_jax.convert.hub import load_tokenizer, resolve
+    from hylo_jax.convert.loading import load_model, open_source
     from hylo_jax.convert.report import write_report
-    from hylo_jax.loading import load_model, open_source
 
     if not config.output_dir:
         raise ValueError("config.output_dir is required (--config.output_dir=/path/to/out)")
     source = resolve(config.source or None)
-    if not upcycle.wants_upcycling(config.student):
-        model = load_model(source.path, dtype=jnp.dtype(config.dtype))
-        return _export(model, config, source)
+
+    def export(model) -> str:
+        return export_model(
+            model,
+            config.output_dir,
+            tokenizer_from=source.path,
+            dtype=config.export_dtype or None,
+            max_shard_bytes=int(config.max_shard_size_gb * 1024**3),
+            overwrite=config.overwrite,
+        )
+
+    if not job.wants_upcycling(config.student):
+        return export(load_model(source.path, dtype=jnp.dtype(config.dtype)))
     out = os.path.abspath(config.output_dir)
     if os.path.isdir(out) and os.listdir(out) and not config.overwrite:
         raise FileExistsError(f"output directory {out} exists and is not empty (--config.overwrite=true replaces it)")
     # Check the student config against the teacher's config.json before loading weights.
     hf_config, _ = open_source(source)
-    upcycle.student_config_from_settings(ModelConfig.from_hf_config(hf_config), config.student)
+    job.student_config_from_settings(ModelConfig.from_hf_config(hf_config), config.student)
     teacher = load_model(source.path, dtype=jnp.dtype(config.dtype))
-    tokenizer = load_tokenizer_for(source)
-    student, report = upcycle.upcycle_job(teacher, config.student, tokenizer=tokenizer)
-    out = _export(student, config, source)
+    student, report = job.upcycle_job(teacher, config.student, tokenizer=load_tokenizer(source))
+    out = export(student)
     _, md = write_report(report, out)
     print(open(md).read())
     return out
-
-
-def _export(model, config, source) -> str:
-    from hylo_jax.convert.export import export_model
-
-    return export_model(
-        model,
-        config.output_dir,
-        tokenizer_from=source.path,
-        dtype=config.export_dtype or None,
-        max_shard_bytes=int(config.max_shard_size_gb * 1024**3),
-        overwrite=config.overwrite,
-    )
-
-
-def load_tokenizer_for(source):
-    """The teacher's tokenizer (from the .gguf, or the HF dir's tokenizer files)."""
-    if source.kind == "gguf":
-        from hylo_jax.convert.gguf_io import load_tokenizer
-
-        return load_tokenizer(source.path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source.path)
 
 
 def main(argv) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from hylo_jax.convert import mapping
-from hylo_jax.convert.hub import resolve
+from hylo_jax.convert.hub import load_tokenizer, resolve
 from hylo_jax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, numpy_dtype, write_checkpoint
 
 TOKENIZER_FILES = (
@@ -105,9 +105,7 @@ def _write_tokenizer_and_generation_config(directory: str, config, tokenizer_fro
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(directory, name))
     elif source is not None:
-        from hylo_jax.convert.gguf_io import load_tokenizer
-
-        load_tokenizer(source.path).save_pretrained(directory)
+        load_tokenizer(source).save_pretrained(directory)
     if not os.path.isfile(os.path.join(directory, "generation_config.json")):
         hf = config.to_hf_config()
         generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}

@@ -183,11 +183,3 @@ class GGUFCheckpoint:
             n = self.hf_config["num_attention_heads"] if ".q_proj." in name else self.hf_config["num_key_value_heads"]
             w = unpermute_rope_rows(w, n)
         return w
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The Hugging Face tokenizer stored in a GGUF file (transformers builds it)."""
-    from transformers import AutoTokenizer
-
-    path = os.path.abspath(os.fspath(path))
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hylo_jax.config import ModelConfig
+from hylo_jax.config import ModelConfig, check_student_config, make_student_config
+from hylo_jax.convert import upcycle as up
+from hylo_jax.eval.perplexity import nll_from_hidden
+from hylo_jax.models.decoder import DecoderLayer, default_positions
 
 # name -> (layer indices, the number of layers the list was published for, or None = any)
 PUBLISHED = {
@@ -68,10 +71,6 @@ def layer_sensitivity(teacher, student_config: ModelConfig, calib_ids: np.ndarra
     `student_config` supplies the target's sub-config (its layer_types are ignored).
     -> {"base_loss": teacher loss (nats/token), "loss": [L], "rise": [L]}.
     """
-    from hylo_jax.convert import upcycle as up
-    from hylo_jax.eval.perplexity import nll_from_hidden
-    from hylo_jax.models.decoder import DecoderLayer, default_positions
-
     cfg_t = teacher.config
     n = cfg_t.num_hidden_layers
     ids = jnp.asarray(calib_ids, jnp.int32)
@@ -96,11 +95,11 @@ def layer_sensitivity(teacher, student_config: ModelConfig, calib_ids: np.ndarra
     key = jax.random.key(seed)
     losses = []
     for i in range(n):
-        cfg_i = up.make_student_config(
+        cfg_i = make_student_config(
             cfg_t, tuple(target if j == i else "attention" for j in range(n)),
             mla=student_config.mla, mamba2=student_config.mamba2, gdn=student_config.gdn,
         )
-        up.check_student_config(cfg_t, cfg_i)
+        check_student_config(cfg_t, cfg_i)
         cfg_i = up.resolve_rope_pairs(teacher_params, cfg_t, cfg_i)
         params, _ = up.upcycle_layer(teacher_params["model"]["layers"][i], cfg_t, cfg_i, i, jax.random.fold_in(key, i))
         abstract = nnx.eval_shape(lambda: DecoderLayer(cfg_i, i, rngs=nnx.Rngs(0), dtype=teacher.dtype))

