@@ -115,8 +115,7 @@ def greedy_continuation(model, input_ids: np.ndarray, num_tokens: int, *, prefil
     if hasattr(model, "init_cache") and hasattr(model, "step"):
         from hylo_jax.inference import generate
 
-        out = generate(model, jnp.asarray(input_ids), num_tokens, prefill_chunk_size=prefill_chunk_size)
-        return np.asarray(out[:, input_ids.shape[1] :])
+        return generate(model, input_ids, num_tokens, prefill_chunk_size=prefill_chunk_size).tokens
     ids = input_ids
     for _ in range(num_tokens):
         logits = model(jnp.asarray(ids))[:, -1]
