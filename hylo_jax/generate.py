@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from hylo_jax.config_files import define_config_flag, load_config
+from hylo_jax.config_files import define_config_flag, load_config, run_cli
 
 
 def run(config) -> dict:
@@ -103,4 +103,4 @@ if __name__ == "__main__":
         "generate", "ml_collections config file (get_config()). Fields and defaults:\n" + str(load_config("generate"))
     )
     flags.declare_key_flag("config")  # --help lists it
-    app.run(main)
+    run_cli(main)

@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-from hylo_jax.config_files import define_config_flag, load_config
+from hylo_jax.config_files import define_config_flag, load_config, run_cli
 
 
 def main(argv) -> None:
@@ -42,4 +42,4 @@ if __name__ == "__main__":
         "eval", "ml_collections config file (get_config()). Fields and defaults:\n" + str(load_config("eval"))
     )
     flags.declare_key_flag("config")  # --help lists it
-    app.run(main)
+    run_cli(main)

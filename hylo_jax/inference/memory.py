@@ -1,6 +1,6 @@
 """Memory of a chunked prefill: exact byte counts, XLA's compiled analysis, an estimate.
 
-A prefill step (`generate.prefill_chunk`) holds the weights, the whole cache (KV
+A prefill step (`generation.prefill_chunk`) holds the weights, the whole cache (KV
 slots for the full length in attention and MLA layers, constant states in Mamba2 and
 GDN layers; donated, so updated in place) and one chunk's activations. The largest
 activation is an attention layer's scores for one block of queries against every
@@ -59,7 +59,7 @@ class PrefillMemory:
 def compiled_prefill_memory(model, batch: int, length: int, chunk: int, cache_dtype=None) -> PrefillMemory:
     """XLA's memory analysis of the last prefill step of a `length`-token prompt fed
     `chunk` tokens at a time (the cache holds `length` slots). `model` may be abstract."""
-    from hylo_jax.inference.generate import prefill_chunk
+    from hylo_jax.inference.generation import prefill_chunk
 
     chunk = min(chunk, length)
     graphdef, state = nnx.split(model)

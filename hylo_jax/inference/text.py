@@ -4,7 +4,7 @@ and incremental detokenization for streaming.
 A hylo_jax checkpoint, an HF directory and a GGUF file each carry their tokenizer
 and their special ids: an HF-style directory in its tokenizer files and
 `generation_config.json` (falling back to `config.json`), a GGUF file in its
-`tokenizer.ggml.*` metadata.
+`tokenizer.ggml.*` metadata (from which transformers builds its tokenizer).
 """
 
 from __future__ import annotations
@@ -42,17 +42,16 @@ def as_ids(value) -> tuple[int, ...]:
 
 def generation_defaults(path: str | os.PathLike | None = None, tokenizer=None) -> GenerationDefaults:
     """EOS and pad ids of a checkpoint: `generation_config.json`, else `config.json`
-    (HF-style dirs), or the GGUF metadata; where the checkpoint declares none, the
-    tokenizer's."""
+    (HF-style dirs), where they are not declared the tokenizer's; for a GGUF file the
+    tokenizer's, which transformers builds from the file's `tokenizer.ggml.*` metadata
+    (eos_token_id, padding_token_id)."""
     from hylo_jax.convert.hub import resolve
 
     source = resolve(path)
+    declared = {}
     if source.kind == "gguf":
-        from hylo_jax.convert.gguf_io import GGUFCheckpoint
-
-        declared = GGUFCheckpoint(source.path).hf_config
+        tokenizer = tokenizer or load_tokenizer(source.path)
     else:
-        declared = {}
         for name in ("config.json", "generation_config.json"):  # the second wins
             file = os.path.join(source.path, name)
             if os.path.isfile(file):

@@ -74,7 +74,7 @@ def _timed(model, batch: int, length: int, chunk: int, decode_tokens: int, cache
     import numpy as np
     from flax import nnx
 
-    from hylo_jax.inference import generate as gen
+    from hylo_jax.inference import generation as gen
 
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, length)), jnp.int32)
     res = {}

@@ -52,7 +52,7 @@ def sampler_for(temperature: float, top_k: int, top_p: float) -> Sampler:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
-    return Sampler(greedy=temperature == 0.0 or top_k == 1, top_k=top_k, top_p=top_p < 1.0)
+    return Sampler(greedy=temperature == 0.0, top_k=top_k, top_p=top_p < 1.0)
 
 
 def sample_next(logits_bv, key, sampler: Sampler, temperature, top_p) -> jax.Array:
@@ -193,7 +193,7 @@ def generate(
       run as one batch (at most `batch_size` rows), the others group by group, and the
       results come back in the order given. (Left padding needs the attention op that
       takes per-row start positions; the API already takes the list.)
-    temperature 0 (or top_k 1) is greedy; else tokens are sampled from softmax(logits /
+    temperature 0 is greedy (as are top_k 1 and a tiny temperature); else tokens are sampled from softmax(logits /
       temperature) restricted to the top_k best (0: all) and to the smallest set whose
       probability reaches top_p (1: all), with `seed`.
     eos_token_id: id(s) that end a row (None: the tokenizer's EOS if a tokenizer is
