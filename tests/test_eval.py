@@ -32,7 +32,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def env(tokenizer):
     haystack = prompts.Haystack(tokenizer, [d.text for d in corpus.documents("pydoc_topics", "heldout")], "pydoc heldout")
-    return tasks.TaskEnv(tokenizer, haystack=haystack)
+    code = tasks.CodePool(tokenizer, corpus.documents("python_stdlib", "heldout")[:12], "12 held-out modules")
+    return tasks.TaskEnv(tokenizer, haystack=haystack, code=code)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def _tiny(vocab, layer_types=("attention",), seed=0):
 def test_loss_by_position_equals_the_full_forward(tokenizer):
     import jax.numpy as jnp
 
-    model = _tiny(len(tokenizer), ("attention", "gdn"))
+    model = _tiny(len(tokenizer))
     stream, starts = long_loss.document_stream(tokenizer, "pydoc_topics", "heldout")
     windows = long_loss.samples(stream, starts, 200, 2, seed=0)
     assert windows.shape == (2, 201) and all(int(w[0]) in stream[starts] for w in windows)
@@ -166,19 +167,11 @@ def test_loss_by_position_equals_the_full_forward(tokenizer):
     assert summary["loss"][0] == pytest.approx(float(want[:, :64].mean()), rel=1e-4)
 
 
-def test_suite_writes_results_side_by_side(tmp_path, tokenizer, monkeypatch):
+def _suite_config(tmp_path, dirs, labels=""):
     from hylo_jax.config_files import load_config
-    from hylo_jax.convert.export import export_model
-    from hylo_jax.convert.hub import default_teacher_path
-    from hylo_jax.eval import suite
-    from hylo_jax.inference import memory
 
-    dirs = []
-    for name, kinds in (("small", ("attention",)), ("hybrid", ("mla", "gdn"))):
-        dirs.append(export_model(_tiny(len(tokenizer), kinds), str(tmp_path / name), tokenizer_from=default_teacher_path()))
     cfg = load_config("eval")
-    cfg.models = ",".join(dirs)
-    cfg.teacher = dirs[0]
+    cfg.models, cfg.labels, cfg.teacher = ",".join(dirs), labels, dirs[0]
     cfg.tasks = "niah_single_number,passkey"
     cfg.lengths = "300,400"
     cfg.samples = 2
@@ -187,34 +180,73 @@ def test_suite_writes_results_side_by_side(tmp_path, tokenizer, monkeypatch):
     cfg.haystack_corpora = "pydoc_topics"
     cfg.output_dir = str(tmp_path / "out")
     cfg.loss_by_position.corpus = "pydoc_topics"
+    cfg.loss_by_position.length = 300
     cfg.loss_by_position.samples = 1
     cfg.short.corpus = "pydoc_topics"
     cfg.short.seq_len = 64
     cfg.short.windows = 2
     cfg.short.batch_size = 2
-    # Pretend the device holds what a 300-token prefill needs but not a 400-token one.
-    limit = memory.estimate_prefill_memory(_tiny(len(tokenizer)).config, 2, 300 + 8, 128).peak + 1
-    monkeypatch.setattr(memory, "available_bytes", lambda device=None: limit)
-    results = suite.run(cfg)
+    return cfg
 
-    on_disk = json.load(open(tmp_path / "out" / "results.json"))
+
+def _run_suite(tmp_path, monkeypatch, cfg, configs):
+    """Runs the suite with a device that holds a 300-token prefill but not a 400-token one."""
+    from hylo_jax.eval import suite
+    from hylo_jax.inference import memory
+
+    longest_new = max(tasks.get_task(t).max_new_tokens for t in cfg.tasks.split(","))
+    fits = max(memory.estimate_prefill_memory(c, 2, 300 + longest_new, 128).peak for c in configs)
+    too_big = min(memory.estimate_prefill_memory(c, 2, 400, 128).peak for c in configs)
+    assert fits < too_big
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: fits)
+    results = suite.run(cfg)
+    out = tmp_path / "out"
+    on_disk = json.load(open(out / "results.json"))
     assert on_disk == json.loads(json.dumps(results))
-    assert list(on_disk) == ["small", "hybrid"]
     for label in on_disk:
-        ok = on_disk[label]["passkey"]["300"]
-        assert 0.0 <= ok["accuracy"] <= 1.0 and ok["n"] == 2
-        skipped = on_disk[label]["niah_single_number"]["400"]
-        assert skipped["accuracy"] is None and skipped["n"] == 0 and "GiB" in skipped["skipped"]
+        for task in ("niah_single_number", "passkey"):
+            ok, skipped = on_disk[label][task]["300"], on_disk[label][task]["400"]
+            assert 0.0 <= ok["accuracy"] <= 1.0 and ok["n"] == 2
+            assert skipped["accuracy"] is None and skipped["n"] == 0 and "GiB" in skipped["skipped"]
         lbp = on_disk[label]["loss_by_position"]
-        assert lbp["length"] == 400 and ("skipped" in lbp or len(lbp["loss"]) == len(lbp["bins"]))
+        assert lbp["length"] == 300 and len(lbp["loss"]) == len(lbp["bins"]) == 4 and lbp["bins"][-1] == [256, 300]
+        assert on_disk[label]["short_context"]["ppl"] > 1.0
+    md = open(out / "results.md").read()
+    assert "| passkey |" in md and "skipped" in md and "## Loss by position" in md
+    assert os.path.getsize(out / "results.png") > 1000
+    lines = [json.loads(x) for x in open(out / "samples.jsonl").read().splitlines()]
+    assert len(lines) == len(on_disk) * 2 * 2  # models x tasks x samples, at the one length that fits
+    assert {"answers", "prediction", "score", "depth"} <= set(lines[0])
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    return on_disk
+
+
+def _export(model, path, tokenizer) -> str:
+    from hylo_jax.convert.export import export_model
+
+    path = export_model(model, path)
+    tokenizer.save_pretrained(path)  # the teacher's, already loaded (building it from the GGUF takes seconds)
+    return path
+
+
+def test_suite_writes_results_side_by_side(tmp_path, tokenizer, monkeypatch):
+    model = _tiny(len(tokenizer))
+    path = _export(model, str(tmp_path / "tiny"), tokenizer)
+    # The same checkpoint twice under two names: the side-by-side layout, compiled once.
+    on_disk = _run_suite(tmp_path, monkeypatch, _suite_config(tmp_path, [path, path], "a,b"), [model.config])
+    assert list(on_disk) == ["a", "b"]
+    assert on_disk["a"]["short_context"]["heldout_kl"] == 0.0  # the KL teacher is this model
+    assert on_disk["a"]["passkey"] == on_disk["b"]["passkey"]  # same samples, same model
+
+
+@pytest.mark.slow  # compiles a hybrid's prefill, decode and loss: minutes on a busy CPU
+def test_suite_teacher_and_hybrid_side_by_side(tmp_path, tokenizer, monkeypatch):
+    models = {"small": _tiny(len(tokenizer)), "hybrid": _tiny(len(tokenizer), ("mla", "gdn"))}
+    dirs = [_export(m, str(tmp_path / k), tokenizer) for k, m in models.items()]
+    on_disk = _run_suite(tmp_path, monkeypatch, _suite_config(tmp_path, dirs), [m.config for m in models.values()])
+    assert list(on_disk) == ["small", "hybrid"]
     assert on_disk["small"]["short_context"]["heldout_kl"] == 0.0
     assert on_disk["hybrid"]["short_context"]["heldout_kl"] > 0.0
-    md = open(tmp_path / "out" / "results.md").read()
-    assert "| passkey |" in md and "300 · small" in md and "skipped" in md
-    assert os.path.getsize(tmp_path / "out" / "results.png") > 1000
-    lines = open(tmp_path / "out" / "samples.jsonl").read().splitlines()
-    assert len(lines) == 2 * 2 * 2  # models x tasks x samples at the one length that ran
-    assert not [f for f in os.listdir(tmp_path / "out") if f.startswith(".tmp")]
 
 
 def test_cli_help_lists_every_field():

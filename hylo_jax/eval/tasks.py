@@ -68,11 +68,11 @@ class TaskEnv:
     code pool are made on first use (tokenising the held-out text takes seconds)."""
 
     def __init__(self, tokenizer, *, chat_template: bool = True, haystack: prompts.Haystack | None = None,
-                 haystack_corpora: Sequence[str] = prompts.DEFAULT_HAYSTACK_CORPORA, haystack_split: str = "heldout",
-                 code_split: str = "heldout"):
+                 code: "CodePool | None" = None, haystack_corpora: Sequence[str] = prompts.DEFAULT_HAYSTACK_CORPORA,
+                 haystack_split: str = "heldout", code_split: str = "heldout"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        self._haystack = haystack
+        self._haystack, self._code = haystack, code
         self.haystack_corpora, self.haystack_split, self.code_split = tuple(haystack_corpora), haystack_split, code_split
 
     @property
@@ -89,9 +89,11 @@ class TaskEnv:
     def words(self) -> list[str]:
         return prompts.vocabulary()
 
-    @functools.cached_property
+    @property
     def code(self) -> "CodePool":
-        return CodePool(self.tokenizer, self.code_split)
+        if self._code is None:
+            self._code = CodePool.from_corpus(self.tokenizer, self.code_split)
+        return self._code
 
     def ids(self, text: str) -> np.ndarray:
         return prompts.ids_of(self.tokenizer, text)
@@ -283,8 +285,7 @@ class CodePool:
     """Functions of held-out CPython modules that `qa` can ask about, and the modules'
     code as haystack (the asked function's own module is left out of its haystack)."""
 
-    def __init__(self, tokenizer, split: str = "heldout"):
-        docs = corpus_lib.documents("python_stdlib", split)
+    def __init__(self, tokenizer, docs: Sequence[corpus_lib.Document], description: str = "given modules"):
         self.modules = [prompts.ids_of(tokenizer, d.text.strip("\n") + "\n\n") for d in docs]
         self.tokens = int(sum(len(m) for m in self.modules))
         defined: dict[str, int] = {}
@@ -303,7 +304,11 @@ class CodePool:
                     candidates.append(fn)
         # A name defined twice (anywhere in the split) would have two right answers.
         self.functions = [f for f in candidates if defined[f.name] == 1]
-        self.split = split
+        self.description = description
+
+    @classmethod
+    def from_corpus(cls, tokenizer, split: str = "heldout") -> "CodePool":
+        return cls(tokenizer, corpus_lib.documents("python_stdlib", split), f"{split} split of python_stdlib")
 
     @staticmethod
     def _function(text: str, node, module: int) -> CodeFunction | None:
@@ -324,7 +329,7 @@ class CodePool:
         total = sum(len(self.modules[i]) for i in order)
         if n_tokens > total:
             raise ValueError(
-                f"qa at {n_tokens} context tokens needs more code than the {self.split} split of python_stdlib "
+                f"qa at {n_tokens} context tokens needs more code than the {self.description} "
                 f"holds ({total} tokens); use --config.code_split=all"
             )
         out, n = [], 0
@@ -345,7 +350,7 @@ class DocstringQA(Task):
     def build(self, env, length, rng, depth):
         pool = env.code
         if not pool.functions:
-            raise ValueError(f"no held-out python_stdlib function qualifies for qa ({pool.split} split)")
+            raise ValueError(f"no function of the {pool.description} qualifies for qa")
         for _ in range(100):
             fn = pool.functions[int(rng.integers(len(pool.functions)))]
             frame = env.frame(
