@@ -66,6 +66,8 @@ def test_oracle_scores_one_and_ignoring_the_context_scores_zero(name, samples, t
 
 @pytest.mark.parametrize("name", tasks.TASKS)
 def test_prompts_have_the_exact_length_and_the_answers_in_the_context(name, samples, tokenizer):
+    chat = tokenizer.decode(samples[name][0].input_ids.tolist()).startswith("<|im_start|>system\n")
+    assert chat == (name != "passkey")  # the chat template frames every task but the original passkey
     for s in samples[name]:
         assert s.input_ids.dtype == np.int32 and len(s.input_ids) == LENGTH
         lo, hi = s.context

@@ -93,7 +93,10 @@ def plot(results: dict, tasks: list[str], path: str) -> str | None:
         ax.grid(alpha=0.3)
     for ax in axes[panels:]:
         ax.axis("off")
-    axes[0].legend()
+    for ax in axes[:panels]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+            break
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".png")
     os.close(fd)

@@ -82,6 +82,8 @@ class Suite:
         for name in self.task_names:
             tasks_lib.get_task(name)  # unknown names fail before any model is loaded
         self.lengths = _ints(cfg.lengths)
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"config.lengths={cfg.lengths!r} must list positive token counts, e.g. 1024,4096")
         if cfg.samples < 1:
             raise ValueError(f"config.samples={cfg.samples} must be >= 1")
         self.specs = model_specs(cfg)
@@ -231,6 +233,7 @@ class Suite:
             "config": c.to_dict(), "models": dict(self.specs), "device": jax.devices()[0].device_kind,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
         }, indent=1))
+        self.check_inputs()
         teacher = None
         if c.short.enabled and c.short.kl:
             teacher = load_model(c.teacher or None, dtype=jnp.dtype(c.dtype), progress=False)
@@ -240,6 +243,17 @@ class Suite:
             log.info("evaluating %s (%s)", label, path or "default teacher")
             self.evaluate_model(label, path, teacher, model=teacher if same else None)
         return self.results
+
+    def check_inputs(self) -> None:
+        """Builds one sample of every task at the longest length with each model's
+        tokenizer, so a haystack too short for a length fails before any model runs."""
+        from hylo_jax.eval import tasks as tasks_lib
+        from hylo_jax.inference import load_tokenizer
+
+        for _, path in self.specs:
+            env = self._env(load_tokenizer(path or None))
+            for name in self.task_names:
+                tasks_lib.get_task(name).samples(env, max(self.lengths), 1, self.cfg.seed)
 
     # ------------------------------------------------------------ output
     def write(self) -> None:

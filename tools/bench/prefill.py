@@ -117,7 +117,7 @@ def run(args) -> dict:
     for label, (config, path) in _configs(args).items():
         abstract = memory.abstract_model(config, dtype=dtype)
         rows = {}
-        for length in _ints(args.lengths):
+        for length in sorted(set(_ints(args.lengths)) | set(_ints(args.time_lengths))):
             row = {"estimate": memory.estimate_prefill_memory(
                 config, args.batch, length, args.chunk, dtype=dtype, cache_dtype=cache_dtype).as_dict()}
             if not args.no_compile:
