@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "import": ("tools.bench.import_model", "import speed and peak host memory of hylo_jax.load_model"),
     "compile": ("tools.bench.compile_time", "compile time of the distillation train steps and their parts"),
     "resources": ("tools.bench.resources", "registers, spills and shared memory of each Pallas GPU kernel, offline"),
+    "prefill": ("tools.bench.prefill", "long prefill: cache bytes, compiled peak memory and time per token, teacher and student"),
     "ncu": ("tools.bench.ncu", "Nsight Compute counters of each GPU kernel of one GDN fwd+bwd (GPU only)"),
 }
 
