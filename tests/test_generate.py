@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hylo_jax.convert.hub import load_tokenizer
 from hylo_jax.models.decoder import abstract_model
 
 from hylo_jax.config import ModelConfig
@@ -128,7 +129,7 @@ def test_prefill_holds_no_sequence_logits():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return text_lib.load_tokenizer()
+    return load_tokenizer()
 
 
 def test_chat_template_is_applied_when_present(tokenizer):
