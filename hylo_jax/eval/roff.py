@@ -12,7 +12,7 @@ drops the layout. What it does:
 - Escapes: fonts, sizes, motions and number registers are removed; named characters
   (``\\(em``, ``\\[u00E9]``, ...) and strings (``\\*(lq``, and those the page defines with
   ``.ds``) become their characters; ``\\-``, ``\\e``, ``\\&``, ... their plain form.
-- tbl tables keep their cells (tab-separated cells joined by two spaces).
+- tbl tables keep their cells (cells joined by two spaces).
 - Dropped: comments, macro definitions (``.de`` ... ``..``), conditionals (``.if``,
   ``.ie``, ``.el``, with their ``\\{ ... \\}`` blocks), pic and eqn blocks, typesetting
   requests, index entries (``.IX``), and a user-defined macro's line when its arguments
@@ -238,7 +238,12 @@ def _mdoc_line(name: str, args: list[str], strings: dict[str, str]) -> str:
 def _table(lines: list[str], i: int, strings: dict[str, str], out: list[str]) -> int:
     """Skips a tbl table's options and format lines, keeps its cells; returns the line after .TE."""
     n = len(lines)
-    while i < n and not lines[i].rstrip().endswith("."):  # options (`;`) and format lines end with "."
+    tab = "\t"
+    if i < n and lines[i].rstrip().endswith(";"):  # the options line, e.g. `allbox tab(:);`
+        m = re.search(r"tab\s*\((.)\)", lines[i])
+        tab = m.group(1) if m else tab
+        i += 1
+    while i < n and not lines[i].rstrip().endswith("."):  # format lines; the last one ends with "."
         i += 1
     i += 1
     while i < n and not lines[i].startswith(".TE"):
@@ -251,7 +256,7 @@ def _table(lines: list[str], i: int, strings: dict[str, str], out: list[str]) ->
             continue
         if row.startswith((".", "'")) or row.strip() in ("_", "=", "T}"):
             continue
-        cells = [c.replace("T{", "").replace("T}", "").strip() for c in row.split("\t")]
+        cells = [c.replace("T{", "").replace("T}", "").strip() for c in row.split(tab)]
         text = _unescape("  ".join(c for c in cells if c), strings)
         if text.strip():
             out.append(text)
