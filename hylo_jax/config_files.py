@@ -75,3 +75,17 @@ def define_config_flag(default_name: str, help_string: str):
         unknown = _unknown_overrides(sys.argv[1:], default_name)
         what = f"unknown config field(s) {'; '.join(unknown)}" if unknown else f"bad --config override ({e})"
         sys.exit(f"error: {what}; run with --help to list the fields and their defaults")
+
+
+def run_cli(main) -> None:
+    """absl's `app.run(main)`, except that `--help` exits with status 0 (absl exits 1)."""
+    import sys
+
+    from absl import app
+
+    try:
+        app.run(main)
+    except SystemExit as e:
+        if e.code == 1 and any(a in ("--help", "-?", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+            sys.exit(0)
+        raise

@@ -11,11 +11,10 @@ a sentence boundary nearest to a seeded random depth in [0, 1] of the filler.
 This is a synthetic test (no real text), used to check long-context retrieval of
 teacher and student alike.
 
-Scoring is real greedy decoding: `num_answer_tokens` new tokens are generated
-(with hylo_jax.inference.generate and its caches when the model has `init_cache`
-/ `step`, as CausalLM does; otherwise by re-running the model on the growing
-sequence and taking the argmax of the last position), decoded to text, and the
-first run of digits in it must equal the passkey.
+Scoring is real greedy decoding (hylo_jax.eval.predict): a few new tokens are
+generated, decoded to text, and the first run of digits in it must equal the passkey.
+`Passkey` is this task in the evaluation suite (`python -m hylo_jax.eval`, task
+"passkey"); `evaluate` is the call the distillation loop makes.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ import dataclasses
 import re
 from typing import Callable, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from hylo_jax.inference import generate
+from hylo_jax.eval.tasks import Sample, Task
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -106,23 +104,24 @@ def extract_answer(text: str) -> str | None:
     return match.group(0) if match else None
 
 
-def greedy_continuation(model, input_ids: np.ndarray, num_tokens: int, *, prefill_chunk_size: int | None = None) -> np.ndarray:
-    """Greedy-decodes `num_tokens` new tokens after input_ids [B, T] -> int32 [B, num_tokens].
+class Passkey(Task):
+    """The passkey prompt above as a task of the suite (hylo_jax.eval.tasks): the
+    synthetic filler, no chat template, scored by the first number generated."""
 
-    A model with `init_cache`/`step` (CausalLM) decodes with caches through
-    hylo_jax.inference.generate; any other callable ids [B, T] -> logits [B, T, V]
-    is re-run on the whole sequence for each new token.
-    """
-    input_ids = np.asarray(input_ids, np.int32)
-    if hasattr(model, "init_cache") and hasattr(model, "step"):
-        out = generate(model, jnp.asarray(input_ids), num_tokens, prefill_chunk_size=prefill_chunk_size)
-        return np.asarray(out[:, input_ids.shape[1] :])
-    ids = input_ids
-    for _ in range(num_tokens):
-        logits = model(jnp.asarray(ids))[:, -1]
-        nxt = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
-        ids = np.concatenate([ids, nxt[:, None]], axis=1)
-    return ids[:, input_ids.shape[1] :]
+    name = "passkey"
+    max_new_tokens = 8
+
+    def build(self, env, length, rng, depth):
+        key = str(int(rng.integers(10_000, 100_000)))
+        return as_sample(env.tokenizer, build_prompt(env.tokenizer, length, key, depth))
+
+    def score(self, prediction: str, sample) -> float:
+        return float(extract_answer(prediction) == sample.answers[0])
+
+
+def as_sample(tokenizer, prompt: PasskeyPrompt) -> Sample:
+    intro, question = len(_ids(tokenizer, INTRO)), len(_ids(tokenizer, "\n" + QUESTION))
+    return Sample(prompt.input_ids, (prompt.passkey,), prompt.depth, (intro, len(prompt.input_ids) - question))
 
 
 def evaluate(
@@ -136,23 +135,23 @@ def evaluate(
     depths: Sequence[float] | None = None,
     prefill_chunk_size: int | None = None,
 ) -> dict:
-    """Passkey accuracy of `model` over `n_trials` prompts of exactly `length` tokens.
+    """Passkey accuracy of `model` over `n_trials` prompts of exactly `length` tokens
+    (`make_prompts`: same seed, same prompts, for any model); `model` is a CausalLM or
+    any ids -> logits callable (hylo_jax.eval.predict).
 
     -> {"accuracy", "correct", "n_trials", "length", "trials": [{"passkey", "depth",
-    "answer", "generated", "correct"}]}. Same seed, same prompts, for any model.
+    "answer", "generated", "correct"}]}.
     """
-    prompts = make_prompts(tokenizer, length, n_trials, seed, depths)
-    # Room for " 12345." however the model spaces it; only the first digit run counts.
-    num_tokens = len(_ids(tokenizer, " " + prompts[0].passkey + ".")) + 1
-    trials = []
-    for lo in range(0, n_trials, batch_size):
-        chunk = prompts[lo : lo + batch_size]
-        new = greedy_continuation(model, np.stack([p.input_ids for p in chunk]), num_tokens, prefill_chunk_size=prefill_chunk_size)
-        for p, row in zip(chunk, new):
-            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
-            answer = extract_answer(text)
-            trials.append(
-                {"passkey": p.passkey, "depth": p.depth, "answer": answer, "generated": text, "correct": answer == p.passkey}
-            )
+    from hylo_jax.eval.predict import predictor, run_samples
+
+    samples = [as_sample(tokenizer, p) for p in make_prompts(tokenizer, length, n_trials, seed, depths)]
+    # No EOS: the number is read from a fixed number of tokens, as before the suite.
+    predict = predictor(model, tokenizer, batch_size=batch_size, prefill_chunk_size=prefill_chunk_size, eos_token_id=())
+    result = run_samples(Passkey(), predict, samples)
+    trials = [
+        {"passkey": s.answers[0], "depth": s.depth, "answer": extract_answer(r["prediction"]),
+         "generated": r["prediction"], "correct": bool(r["score"])}
+        for s, r in zip(samples, result["records"])
+    ]
     correct = sum(t["correct"] for t in trials)
     return {"accuracy": correct / n_trials, "correct": correct, "n_trials": n_trials, "length": length, "trials": trials}
