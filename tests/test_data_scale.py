@@ -12,13 +12,18 @@ import os
 import re
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
+from flax import nnx
 
+from hylo_jax.config import ModelConfig
 from hylo_jax.convert.hub import load_tokenizer
 from hylo_jax.distill import data, prepare, shards
 from hylo_jax.eval import corpus, roff
+from hylo_jax.inference import generate
+from hylo_jax.models import CausalLM
 
 HELDOUT_FRACTION = 0.5
 LONG_MIN = 700
@@ -46,9 +51,19 @@ def _module_text(tag, k):
     return f'"""Module {k} of {tag}: helpers."""\n\nTAG = "{tag}"\n\n\ndef run_{k}(value):\n{body}\n    return value\n'
 
 
+def _tiny_teacher(vocab_size):
+    """A random 1-layer model over the real tokenizer's vocabulary: it writes the generated source."""
+    config = ModelConfig(
+        model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+    )
+    return CausalLM(config, rngs=nnx.Rngs(0))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
-    """A prepared tiny corpus: (out dir, manifest, {tag: split}, {(source, name): text}, duplicate's kept name)."""
+    """A prepared tiny corpus with generated text: .root (out dir), .manifest, .split_of_tag,
+    .texts {(source, name): text}, .dup (the kept copy of a duplicated file), .model, .generate."""
     root = tmp_path_factory.mktemp("tiny")
     site, man = root / "site", root / "man"
     expected_split, texts = {}, {}
@@ -96,8 +111,12 @@ def tiny(tmp_path_factory, tokenizer):
         out_dir=str(root / "out"), sources="site_packages,man_pages,long_code,long_docs", num_workers=2,
         long_min_tokens=LONG_MIN, site_packages_dirs=str(site), man_dirs=str(man),
     )
-    manifest = prepare.prepare(cfg, tokenizer, progress=False)
-    return str(root / "out"), manifest, expected_split, texts, f"{held_pk[0]}/copy.py"
+    cfg.prepare.generate.update(num_prompts=4, heldout_prompts=2, prompt_tokens=64, max_new_tokens=6, batch_size=2,
+                                temperature=1.0, top_p=0.9, seed=7)
+    model = _tiny_teacher(len(tokenizer))
+    manifest = prepare.prepare(cfg, tokenizer, teacher=model, teacher_name="tiny", progress=False)
+    return types.SimpleNamespace(root=str(root / "out"), manifest=manifest, split_of_tag=expected_split, texts=texts,
+                                 dup=f"{held_pk[0]}/copy.py", model=model, generate=cfg.prepare.generate)
 
 
 def _records(root, source, split):
@@ -120,7 +139,7 @@ def _stream(it):
 
 
 def test_prepare_splits_dedupes_and_filters(tiny, tokenizer):
-    root, manifest, expected_split, texts, dup_name = tiny
+    root, manifest, expected_split, texts = tiny.root, tiny.manifest, tiny.split_of_tag, tiny.texts
     seen = {}
     for source in ("site_packages", "man_pages", "long_code", "long_docs"):
         for split in corpus.SPLITS:
@@ -132,7 +151,7 @@ def test_prepare_splits_dedupes_and_filters(tiny, tokenizer):
     assert set(seen) == set(expected_split)  # every document somewhere, data files and ourselves nowhere
     # The duplicated text is held out and stored once (its train-side copy is gone).
     copies = [(h["name"], s) for s in corpus.SPLITS for h, _ in _records(root, "site_packages", s) if "copy" in h["name"]]
-    assert copies == [(dup_name, "heldout")]
+    assert copies == [(tiny.dup, "heldout")]
     sp = manifest["dropped"]["site_packages"]
     assert sp["duplicates"] == 1 and sp["not_text"] == 4  # the four numeric tables
     assert manifest["dropped"]["man_pages"]["not_text"] == 1  # the .so alias; the symlink is not even listed
@@ -147,31 +166,36 @@ def test_prepare_splits_dedupes_and_filters(tiny, tokenizer):
 
 
 def test_heldout_never_reaches_a_training_batch(tiny, tokenizer):
-    root, manifest, expected_split, _, _ = tiny
-    every = "site_packages:1,man_pages:1,long_code:1,long_docs:1"
+    root, expected_split = tiny.root, tiny.split_of_tag
+
+    def tags_in(it):
+        rows = [tokenizer.decode(ids[seg != 0]) for b in it for ids, seg in zip(b["input_ids"], b["segment_ids"])]
+        return {t for row in rows for t in _tags(row) if t in expected_split}  # (a tag cut by a row end is partial)
+
+    every = "site_packages:1,man_pages:1,long_code:1,long_docs:1,generated:1"
     it = data.make_dataset(_tokens_cfg(root, mixture=every, num_epochs=1), tokenizer, seq_len=64, batch_size=3,
                            seed=1, shard=(0, 1), drop_remainder=False)
-    rows = [tokenizer.decode(ids[seg != 0]) for b in it for ids, seg in zip(b["input_ids"], b["segment_ids"])]
-    tags = {t for row in rows for t in _tags(row) if t in expected_split}  # (a tag cut by a row end is partial)
-    assert {t for t in tags if expected_split[t] == "heldout"} == set()
-    assert len(tags) >= 0.8 * sum(s == "train" for s in expected_split.values())
+    seen = tags_in(it)
+    assert seen and all(expected_split[t] == "train" for t in seen)
     # Source by source, one epoch in order reads back exactly the train shard (tokens + EOS).
-    for source in ("site_packages", "man_pages", "long_code", "long_docs"):
+    for source in ("site_packages", "man_pages", "long_code", "long_docs", "generated"):
         cfg = _tokens_cfg(root, mixture=source, num_epochs=1, shuffle=False)
-        got = _stream(data.make_dataset(cfg, tokenizer, seq_len=128, batch_size=2, seed=0, shard=(0, 1),
-                                        drop_remainder=False))
+        make = lambda: data.make_dataset(cfg, tokenizer, seq_len=128, batch_size=2, seed=0, shard=(0, 1),  # noqa: E731
+                                         drop_remainder=False)
         want = [x for _, t in _records(root, source, "train") for x in [*t.tolist(), tokenizer.eos_token_id]]
-        assert got == want
+        assert _stream(make()) == want
+        seen |= tags_in(make())
+    assert seen == {t for t, split in expected_split.items() if split == "train"}
     # The default mixture reads the short sources only, in proportion to their tokens.
     info = data.mixture_info(_tokens_cfg(root), tokenizer)
-    assert set(info) == {"site_packages", "man_pages"}
-    tokens = {s: manifest["sources"][s]["train"]["tokens"] for s in info}
+    assert set(info) == {"site_packages", "man_pages", "generated"}
+    tokens = {s: tiny.manifest["sources"][s]["train"]["tokens"] for s in info}
     for s in info:
         assert info[s]["share"] == pytest.approx(tokens[s] / sum(tokens.values()), rel=0.02)
 
 
 def test_long_documents_have_the_length_and_order_claimed(tiny, tokenizer):
-    root, manifest, _, texts, _ = tiny
+    root, manifest, texts = tiny.root, tiny.manifest, tiny.texts
     for long_source, base, with_header in [("long_code", "site_packages", True), ("long_docs", "man_pages", False)]:
         by_group = {}
         for split in corpus.SPLITS:
@@ -193,6 +217,41 @@ def test_long_documents_have_the_length_and_order_claimed(tiny, tokenizer):
             assert pieces == kept
     # A subpackage here (one module) is shorter than LONG_MIN: counted, not written.
     assert manifest["sources"]["long_code"]["groups_too_short"] > 0
+
+
+def test_generated_text_is_the_teachers_and_respects_the_split(tiny, tokenizer):
+    root, g = tiny.root, tiny.generate
+    stored = {split: _records(root, "generated", split) for split in corpus.SPLITS}
+    assert [len(stored["train"]), len(stored["heldout"])] == [g.num_prompts, g.heldout_prompts]
+    docs = {(h["source"], h["name"]): (split, t) for src in ("site_packages", "man_pages")
+            for split in corpus.SPLITS for h, t in _records(root, src, split)}
+    batches = {}
+    for split, recs in stored.items():
+        for h, t in recs:
+            assert h["split"] == split and h["prompt_tokens"] == g.prompt_tokens and h["teacher"] == "tiny"
+            # The prompt is cut from a document of the same split, at the recorded start.
+            doc_split, doc_tokens = docs[h["prompt_from"]["source"], h["prompt_from"]["name"]]
+            assert doc_split == split
+            start, prompt = h["prompt_from"]["start"], t[: g.prompt_tokens]
+            if h["kind"] == "continuation":
+                np.testing.assert_array_equal(prompt, doc_tokens[start: start + g.prompt_tokens])
+            else:
+                text = tokenizer.decode(prompt)
+                assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+                assert tokenizer.decode(doc_tokens[start: start + 8]) in text
+            batches.setdefault(h["seed"], []).append((h["batch_row"], t))
+    assert {h["kind"] for recs in stored.values() for h, _ in recs} == {"chat", "continuation"}
+    # Each batch generated again from the stored prompts with the recorded seed: the same tokens.
+    for seed, rows in batches.items():
+        rows = [t for _, t in sorted(rows, key=lambda r: r[0])]
+        out = generate(tiny.model, np.stack([t[: g.prompt_tokens] for t in rows]), g.max_new_tokens,
+                       temperature=g.temperature, top_p=g.top_p, seed=seed, eos_token_id=tokenizer.eos_token_id)
+        for t, new, num in zip(rows, out.tokens, out.num_tokens):
+            new = new[:num]
+            new = new[:-1] if len(new) and new[-1] == tokenizer.eos_token_id else new
+            np.testing.assert_array_equal(t[g.prompt_tokens:], new)
+    stats = tiny.manifest["sources"]["generated"]["generation"]
+    assert stats["prompts"] == 6 and stats["tokens_per_s"] > 0
 
 
 def _fake_prepared(root, sizes, lengths):

@@ -27,6 +27,10 @@ Sources (``data.prepare.sources``): the five corpora, and
 Groups shorter than ``long_min_tokens`` give no long document. Nothing synthetic
 (no needles, keys or passkeys) is ever written: hylo_jax evaluates with such tasks.
 
+- ``generated`` (when ``data.prepare.generate.num_prompts`` or ``heldout_prompts`` is
+  above 0): text the teacher samples from prompts cut from the prepared documents
+  (hylo_jax.distill.teacher_text); held-out prompts make its held-out split.
+
 Split and duplicates: a document's split is its group's (hylo_jax.eval.corpus). Texts
 that occur more than once (in any sources, the evaluation corpora python_stdlib,
 pydoc_topics and debian_docs always included) are kept once; the copy is held out if
@@ -52,7 +56,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from hylo_jax.distill import shards
+from hylo_jax.distill import shards, teacher_text
 from hylo_jax.eval import corpus
 
 log = logging.getLogger("hylo_jax.distill.prepare")
@@ -75,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.long_min_tokens = 32768  # long documents have at least this many tokens
     cfg.site_packages_dirs = ""  # comma separated; "" = the running interpreter's site directories
     cfg.man_dirs = ""  # comma separated; "" = /usr/share/man,/usr/local/share/man
+    cfg.generate = teacher_text.default_config()  # teacher-generated text: the source "generated"
     return cfg
 
 
@@ -87,8 +92,14 @@ class _Doc:
     split: str = ""
 
 
-def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = True) -> dict[str, Any]:
-    """Writes `data_cfg.prepare.out_dir` (see the module docstring); returns the manifest."""
+def prepare(
+    data_cfg: ml_collections.ConfigDict, tokenizer, *, teacher=None, teacher_name: str = "", progress: bool = True
+) -> dict[str, Any]:
+    """Writes `data_cfg.prepare.out_dir` (see the module docstring); returns the manifest.
+
+    teacher: the model that writes the source "generated" (hylo_jax.distill.teacher_text),
+    needed only when data.prepare.generate asks for prompts.
+    """
     cfg = data_cfg.prepare
     if not cfg.out_dir:
         raise ValueError("data.prepare.out_dir is empty; set --config.data.prepare.out_dir=DIR")
@@ -101,6 +112,9 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = 
         raise ValueError(f"data.prepare.sources: unknown {unknown or 'none given'}; choose from {ALL_SOURCES}")
     if cfg.long_min_tokens < 1:
         raise ValueError(f"data.prepare.long_min_tokens={cfg.long_min_tokens} must be >= 1")
+    generating = cfg.generate.num_prompts > 0 or cfg.generate.heldout_prompts > 0
+    if generating and teacher is None:
+        raise ValueError("data.prepare.generate asks for prompts but no teacher model was given")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError("preparing shards needs a fast (Rust) tokenizer; this one has no backend_tokenizer")
@@ -116,11 +130,11 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = 
     log.info("%d documents listed in %.1f s (%s)", len(refs), timing["list_s"],
              ", ".join(f"{c}: {sum(r.corpus == c for r, _ in refs)}" for c in tokenized + hashed_only))
 
-    t, cpu = time.perf_counter(), _cpu_seconds()
+    t = time.perf_counter()
     workers = cfg.num_workers or os.cpu_count() or 1
-    docs, unreadable = _read_all(refs, backend.to_str(), workers, progress)
+    docs, unreadable, worker_stats = _read_all(refs, backend.to_str(), workers, progress)
     timing["tokenize_s"] = time.perf_counter() - t
-    timing["tokenize_cpu_s"] = _cpu_seconds() - cpu  # all processes: the work, whatever else shares the cores
+    timing["tokenize_cpu_s"] = worker_stats["cpu_s"]  # summed over workers: the work, whatever shares the cores
 
     t = time.perf_counter()
     kept, duplicates = _dedupe(docs, data_cfg.heldout_fraction)
@@ -135,11 +149,25 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = 
             long_stats[source] = _assemble_long(source, kept, backend, cfg.long_min_tokens, records)
     timing["assemble_s"] = time.perf_counter() - t
 
+    gen_stats = None
+    if generating:
+        t = time.perf_counter()
+        generated, gen_stats = teacher_text.generate_records(
+            cfg.generate, [d for d in kept if d.tokens is not None], teacher, tokenizer,
+            teacher_name=teacher_name, progress=progress,
+        )
+        for split, recs in generated.items():
+            records["generated", split] = recs
+        sources = [*sources, "generated"]
+        timing["generate_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = _write(tmp, sources, records, tokenizer, data_cfg, long_stats)
+        if gen_stats is not None:
+            manifest["sources"]["generated"]["generation"] = {**gen_stats, "teacher": teacher_name}
         manifest["dropped"] = {
             c: {"listed": sum(r.corpus == c for r, _ in refs), "not_text": unreadable[c], "duplicates": duplicates[c]}
             for c in tokenized + hashed_only
@@ -148,7 +176,7 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = 
         timing["total_s"] = time.perf_counter() - t_start
         manifest["timing"] = {k: round(v, 2) for k, v in timing.items()}
         manifest["workers"] = workers
-        manifest["peak_rss_mb"] = _peak_rss_mb()
+        manifest["peak_rss_mb"] = {"main": _peak_rss_kb() / 1024, "largest_worker": worker_stats["max_rss_kb"] / 1024}
         with open(os.path.join(tmp, shards.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if os.path.exists(out_dir):
@@ -161,19 +189,10 @@ def prepare(data_cfg: ml_collections.ConfigDict, tokenizer, *, progress: bool = 
     return manifest
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the tokenizer workers)."""
+def _peak_rss_kb() -> int:
     import resource
 
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    import resource
-
-    return {who: round(resource.getrusage(k).ru_maxrss / 1024, 1)  # kB on Linux
-            for who, k in (("main", resource.RUSAGE_SELF), ("largest_worker", resource.RUSAGE_CHILDREN))}
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
 
 
 def _listing(name: str, cfg) -> list[corpus.DocRef]:
@@ -194,6 +213,7 @@ def _init_worker(tokenizer_json: str) -> None:
 
 
 def _read_task(task: list[tuple[int, corpus.DocRef, bool]]) -> list[tuple[int, bytes | None, int, np.ndarray | None]]:
+    """[(index, sha256 of the text or None if not text, bytes, tokens or None)] for one task."""
     out = []
     for index, ref, tokenize in task:
         text = corpus.read(ref)
@@ -229,23 +249,32 @@ def _read_all(refs, tokenizer_json: str, workers: int, progress: bool):
     results: list = [None] * len(refs)
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="read+tokenize", disable=not progress, mininterval=2)
 
-    def collect(out, nbytes):
+    stats = {"cpu_s": 0.0, "max_rss_kb": 0}
+
+    def collect(result):
+        out, nbytes, cpu_s, rss_kb = result
         for index, sha, n, tokens in out:
             results[index] = (sha, n, tokens)
+        stats["cpu_s"] += cpu_s
+        stats["max_rss_kb"] = max(stats["max_rss_kb"], rss_kb)
         bar.update(nbytes)
 
     if workers == 1:
         _init_worker(tokenizer_json)
-        for task, nbytes in tasks:
-            collect(_read_task(task), nbytes)
+        for task in tasks:
+            collect(_sized_read_task(task))
     else:
-        # fork: the workers start at once with the parent's imports; nothing here has
-        # started JAX or the tokenizer's thread pool yet.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
+        # Not fork: the caller may have started JAX's threads (a loaded teacher, a test
+        # session), and a forked copy of a threaded process can deadlock. A fork server
+        # is a fresh process that imports this module once; workers fork from it.
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__ if __name__ != "__main__" else "hylo_jax.distill.prepare"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
-            for out, nbytes in pool.imap_unordered(_sized_read_task, tasks):
-                collect(out, nbytes)
+            for result in pool.imap_unordered(_sized_read_task, tasks):
+                collect(result)
     bar.close()
 
     docs, unreadable = [], collections.Counter()
@@ -254,12 +283,18 @@ def _read_all(refs, tokenizer_json: str, workers: int, progress: bool):
             unreadable[ref.corpus] += 1
         else:
             docs.append(_Doc(ref, sha, n, tokens))
-    return docs, unreadable
+    stats["cpu_s"] = round(stats["cpu_s"], 2)
+    return docs, unreadable, stats
 
 
 def _sized_read_task(args):
+    """_read_task, with the task's size (for progress), its CPU time and the worker's peak RSS."""
+    import resource
+
     task, nbytes = args
-    return _read_task(task), nbytes
+    cpu = time.process_time()
+    out = _read_task(task)
+    return out, nbytes, time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _dedupe(docs: list[_Doc], heldout_fraction: float) -> tuple[list[_Doc], collections.Counter]:
@@ -387,7 +422,15 @@ def main(argv) -> None:
 
     try:
         teacher = resolve(cfg.teacher or None)
-        manifest = prepare(cfg.data, load_tokenizer(teacher))
+        model = None
+        generate = cfg.data.prepare.generate
+        if generate.num_prompts > 0 or generate.heldout_prompts > 0:
+            import jax.numpy as jnp
+
+            from hylo_jax.convert.loading import load_model
+
+            model = load_model(teacher.path, dtype=jnp.dtype(cfg.dtype), progress=False)
+        manifest = prepare(cfg.data, load_tokenizer(teacher), teacher=model, teacher_name=os.path.basename(teacher.path))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(format_table(manifest))
