@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
         {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto": False, "timeout_s": 300}
     )
 
+    # Data: on the training machine, `python -m hylo_jax.distill.prepare --config=<this file>
+    # --config.data.prepare.out_dir=DIR` writes token shards; then data.kind="tokens",
+    # data.path=DIR, and data.mixture="source:weight,..." per stage (long_code / long_docs
+    # for the long-context stage). The default reads the local corpora on the fly.
     cfg.data = data.default_config()
 
     cfg.optimizer = ml_collections.ConfigDict(

@@ -34,7 +34,22 @@ Sources (cfg.kind): "text" (files matching cfg.path globs, one file = one
 document), "jsonl" (one document per line, text in cfg.field), "array_record"
 (records are UTF-8 text, or JSON objects when cfg.field is set), "tfds"
 (tfds.data_source(cfg.name, split=cfg.split, data_dir=cfg.data_dir); prepared
-datasets only, never downloads), "corpus" (hylo_jax.eval.corpus, split cfg.split).
+datasets only, never downloads), "corpus" (hylo_jax.eval.corpus, split cfg.split),
+"tokens" (documents tokenized beforehand by `python -m hylo_jax.distill.prepare`
+into the directory cfg.path, split cfg.split: nothing is tokenized while training).
+All but "tokens" tokenize in grain's reader threads.
+
+Mixture (cfg.mixture = "source:weight,..."; "tokens" and "corpus" kinds): each
+source is shuffled, repeated and packed into rows on its own, and grain's mixer
+interleaves the rows deterministically in the proportions of the weights (a missing
+weight is 1), so the share of training tokens of each source is its weight over the
+sum, and the iterator's state (every source's position and the mixer's) restores
+exactly. Sources are the prepared ones (see the manifest) or corpus names. Without
+a mixture, "tokens" mixes every prepared source that is not a long one (long_code,
+long_docs: name them for the long-context stage) in proportion to its tokens, and
+"corpus" concatenates the corpora of cfg.name. The mixture, each source's tokens
+and documents are logged when the dataset is built (`mixture_info`). A finite run
+(num_epochs > 0) of a mixture stops when its first source runs out.
 """
 
 from __future__ import annotations
@@ -42,24 +57,30 @@ from __future__ import annotations
 import bisect
 import glob
 import json
+import logging
 import os
 import pathlib
+import zlib
 from typing import Any, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from hylo_jax.distill import prepare, shards
 from hylo_jax.eval import corpus
 
-SOURCE_KINDS = ("text", "jsonl", "array_record", "tfds", "corpus")
+SOURCE_KINDS = ("text", "jsonl", "array_record", "tfds", "corpus", "tokens")
+
+log = logging.getLogger("hylo_jax.distill.data")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Data settings; every field can be overridden with --config.data.<field>=..."""
     cfg = ml_collections.ConfigDict()
     cfg.kind = "corpus"  # one of SOURCE_KINDS
-    cfg.path = ""  # text / jsonl / array_record: glob(s), comma separated
+    cfg.path = ""  # text / jsonl / array_record: glob(s), comma separated; tokens: the prepared directory
+    cfg.mixture = ""  # "source:weight,..." (tokens: prepared sources; corpus: corpus names); "" = see above
     cfg.field = "text"  # jsonl / tfds: text field; array_record: JSON field ("" = raw text)
     cfg.name = "python_stdlib"  # tfds dataset name, or corpus name(s), comma separated (mixed)
     cfg.split = "train"  # tfds split, or corpus split ("train" / "heldout")
@@ -70,6 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.num_epochs = 0  # 0 = repeat forever
     cfg.num_threads = 2  # grain reader threads (tokenization runs in them)
     cfg.prefetch_buffer_size = 16
+    # `python -m hylo_jax.distill.prepare` (writes what kind "tokens" reads; uses heldout_fraction above).
+    cfg.prepare = prepare.default_config()
     return cfg
 
 
@@ -181,11 +204,17 @@ def document_source(cfg: ml_collections.ConfigDict):
         source = tfds.data_source(cfg.name, split=cfg.split, data_dir=cfg.data_dir or None, download=False)
         return _FieldSource(source, cfg.field, json_records=False)
     if cfg.kind == "corpus":
-        texts = [d.text for name in _names(cfg.name) for d in corpus.documents(name, cfg.split, cfg.heldout_fraction)]
-        if not texts:
-            raise ValueError(f"corpus {cfg.name!r} has no documents in split {cfg.split!r} on this machine")
-        return texts
+        return _corpus_texts(_names(cfg.name), cfg)
+    if cfg.kind == "tokens":
+        raise ValueError('kind "tokens" holds token ids, not texts; read it with make_dataset')
     raise ValueError(f"unknown data kind {cfg.kind!r}; choose from {SOURCE_KINDS}")
+
+
+def _corpus_texts(names: list[str], cfg) -> list[str]:
+    texts = [d.text for name in names for d in corpus.documents(name, cfg.split, cfg.heldout_fraction)]
+    if not texts:
+        raise ValueError(f"corpus {','.join(names)!r} has no documents in split {cfg.split!r} on this machine")
+    return texts
 
 
 class Tokenize(grain.transforms.Map):
@@ -205,6 +234,95 @@ class Tokenize(grain.transforms.Map):
         else:
             ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": np.asarray([*ids, self._separator], np.int32)}
+
+
+class TokensOf(grain.transforms.Map):
+    """A prepared record -> {"input_ids": int32 [n + 1]}: its tokens, then the separator."""
+
+    def __init__(self, separator_token_id: int):
+        self._separator = np.asarray([separator_token_id], np.int32)
+
+    def map(self, record: bytes) -> dict[str, np.ndarray]:
+        return {"input_ids": np.concatenate([shards.decode_record(record)[1], self._separator])}
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """"a:3,b:1,c" -> {"a": 3.0, "b": 1.0, "c": 1.0}."""
+    weights: dict[str, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = (p.strip() for p in item.partition(":"))
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"data.mixture: weight {weight!r} of {name!r} is not a number (use source:weight,...)") from None
+        if not name or name in weights or not w > 0:
+            raise ValueError(f"data.mixture: bad item {item!r} (names once each, weights > 0; use source:weight,...)")
+        weights[name] = w
+    return weights
+
+
+def _streams(cfg, tokenizer, separator: int) -> tuple[dict[str, grain.MapDataset], dict[str, dict[str, Any]]]:
+    """name -> MapDataset of {"input_ids"} (one document's tokens + separator each), and
+    name -> {"weight", "documents", "tokens"} (tokens: None where not known before tokenizing)."""
+    weights = parse_mixture(cfg.mixture)
+    if cfg.kind == "tokens":
+        if not cfg.path:
+            raise ValueError('data.kind="tokens" needs data.path: a directory written by python -m hylo_jax.distill.prepare')
+        manifest = shards.read_manifest(cfg.path)
+        made_with, using = manifest["tokenizer"]["fingerprint"], shards.tokenizer_fingerprint(tokenizer)
+        if made_with != using:
+            raise ValueError(
+                f"{cfg.path} was tokenized with {manifest['tokenizer']['name'] or 'another tokenizer'} "
+                f"(fingerprint {made_with}), not this teacher's ({using}); prepare it again with this teacher"
+            )
+        available = {s: e for s, e in manifest["sources"].items() if e[cfg.split]["documents"] > 0}
+        if not weights:  # every short source, in proportion to its tokens
+            weights = {s: float(e[cfg.split]["tokens"]) for s, e in available.items() if not e["long"]}
+        missing = [s for s in weights if s not in available]
+        if missing or not weights:
+            raise ValueError(
+                f"data.mixture: {missing or 'nothing'} not in {cfg.path} with split {cfg.split!r}; "
+                f"prepared sources with documents there: {sorted(available)}"
+            )
+        streams, info = {}, {}
+        for name in weights:
+            entry = available[name][cfg.split]
+            source = grain.sources.ArrayRecordDataSource([os.path.join(cfg.path, entry["path"])])
+            streams[name] = grain.MapDataset.source(source).map(TokensOf(separator))
+            info[name] = {"documents": entry["documents"], "tokens": entry["tokens"]}
+    elif weights:
+        if cfg.kind != "corpus":
+            raise ValueError(f'data.mixture needs data.kind "tokens" or "corpus", not {cfg.kind!r}')
+        streams, info = {}, {}
+        for name in weights:
+            texts = _corpus_texts([name], cfg)
+            streams[name] = grain.MapDataset.source(texts).map(Tokenize(tokenizer, separator))
+            info[name] = {"documents": len(texts), "tokens": None}
+    else:
+        source = document_source(cfg)
+        streams = {"data": grain.MapDataset.source(source).map(Tokenize(tokenizer, separator))}
+        weights, info = {"data": 1.0}, {"data": {"documents": len(source), "tokens": None}}
+    for name in streams:
+        info[name]["weight"] = weights[name]
+    return streams, info
+
+
+def _integer_weights(weights: dict[str, float]) -> dict[str, int]:
+    """Weights as integers with the smallest at 100: grain's mixer keeps them exactly
+    (it rescales floats to that form itself), so the logged shares are the real ones."""
+    smallest = min(weights.values())
+    return {k: max(1, round(100 * w / smallest)) for k, w in weights.items()}
+
+
+def mixture_info(cfg: ml_collections.ConfigDict, tokenizer) -> dict[str, dict[str, Any]]:
+    """source -> {"weight", "share" (of training rows and tokens), "documents", "tokens"} for cfg."""
+    separator = cfg.separator_token_id if cfg.separator_token_id >= 0 else tokenizer.eos_token_id
+    _, info = _streams(cfg, tokenizer, int(separator if separator is not None else 0))
+    ints = _integer_weights({k: v["weight"] for k, v in info.items()})
+    total = sum(ints.values())
+    return {k: {**v, "share": ints[k] / total} for k, v in info.items()}
 
 
 def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,18 +416,30 @@ def make_iter_dataset(
     if separator is None:
         raise ValueError("the tokenizer has no eos_token_id; set cfg.separator_token_id")
 
-    source = document_source(cfg)
-    if len(source) < count:
-        raise ValueError(f"the {cfg.kind} source has {len(source)} documents, fewer than the {count} shards")
-    ds = grain.MapDataset.source(source)[index::count]
-    if cfg.shuffle:
-        # Seeded by (seed, shard): hosts shuffle their own documents independently.
-        ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, index, count]).generate_state(1)[0]))
-    ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
-    ds = ds.map(Tokenize(tokenizer, int(separator)))
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+    streams, info = _streams(cfg, tokenizer, int(separator))
+    ints = _integer_weights({k: v["weight"] for k, v in info.items()})
+    packed = {}
+    for name, ds in streams.items():
+        if len(ds) < count:
+            raise ValueError(f"source {name!r} ({cfg.kind}) has {len(ds)} documents, fewer than the {count} shards")
+        ds = ds[index::count]
+        if cfg.shuffle:
+            # Seeded by (seed, shard, source): hosts and sources shuffle independently.
+            ds = ds.shuffle(seed=int(np.random.SeedSequence([seed, index, count, zlib.crc32(name.encode())]).generate_state(1)[0]))
+        ds = ds.repeat(cfg.num_epochs if cfg.num_epochs > 0 else None)
+        it_ds = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+        )
+        packed[name] = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={"input_ids": seq_len})
+    total = sum(ints.values())
+    log.info(
+        "data (%s, split %s, rows of %d): %s", cfg.kind, cfg.split, seq_len,
+        "; ".join(
+            f"{k} {100 * ints[k] / total:.1f} % of rows (weight {v['weight']:g}, {v['documents']:,} documents"
+            + (f", {v['tokens']:,} tokens" if v["tokens"] is not None else "") + ")"
+            for k, v in info.items()
+        ),
     )
-    it_ds = grain.experimental.ConcatThenSplitIterDataset(it_ds, length_struct={"input_ids": seq_len})
+    it_ds = next(iter(packed.values())) if len(packed) == 1 else grain.IterDataset.mix(packed, ints)
     it_ds = it_ds.map(_finish_row)
     return _JsonStateIterDataset(it_ds.batch(batch_size, drop_remainder=drop_remainder))
